@@ -1,0 +1,1 @@
+# Hydra configs, installed as the package stnbench.conf (see pyproject.toml).

@@ -1,0 +1,31 @@
+"""What the command-line entry points share: config composition and one-line errors."""
+
+import logging
+import sys
+from collections.abc import Callable
+
+from hydra import compose, initialize_config_module
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from stnbench.errors import StnbenchError, one_line
+
+CONFIG_MODULE = "stnbench.conf"
+
+
+def load_config(name: str, overrides: list[str]) -> DictConfig:
+    """Compose a primary config from the installed stnbench.conf with Hydra overrides."""
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def run(prog: str, fn: Callable[[], object]) -> int:
+    """Run a command body; bad input becomes `prog: error: ...` on stderr and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format=f"{prog}: %(message)s")
+    try:
+        fn()
+    except (StnbenchError, HydraException, OmegaConfBaseException) as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,89 @@
+import subprocess
+import zipfile
+
+from PIL import Image
+
+
+def run(bin_dir, *args, cwd):
+    return subprocess.run(
+        [str(bin_dir / "stnbench-data"), *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_preview_writes_png_from_any_directory(bin_dir, mnist_root, tmp_path):
+    # run outside the repository: the configs must come from the installed package
+    r = run(
+        bin_dir,
+        "preview",
+        "preview.n=5",
+        "preview.scale=2",
+        f"data.root={mnist_root}",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "outputs" / "preview" / "plain.png"
+    assert f"wrote {out.relative_to(tmp_path)}" in r.stdout
+    with Image.open(out) as im:
+        # 5 digits of 28 px with 2 px borders, upscaled 2x
+        assert im.size == (2 * (5 * 30 + 2), 2 * 32)
+        assert im.convert("L").getextrema()[1] == 255
+
+
+def test_fetch_reports_ready_data(bin_dir, mnist_root, tmp_path):
+    r = run(bin_dir, "fetch", f"data.root={mnist_root}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "MNIST ready in" in r.stdout
+
+
+def one_line_error(r, *fragments):
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stnbench-data: error:"), r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_bad_input_is_one_line_and_exit_2(bin_dir, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    one_line_error(run(bin_dir, "preview", "data=nope", cwd=tmp_path), "data/nope", "plain")
+    one_line_error(
+        run(bin_dir, "preview", f"data.root={afile}", cwd=tmp_path), f"data root {afile} is a file"
+    )
+    one_line_error(run(bin_dir, "preview", "preview.n=0", cwd=tmp_path), "preview.n")
+    one_line_error(run(bin_dir, "preview", "preview.nn=3", cwd=tmp_path), "preview.nn")
+    one_line_error(run(bin_dir, "build", cwd=tmp_path), "unknown action 'build'", "fetch, preview")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_help(bin_dir, tmp_path):
+    r = run(bin_dir, "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "fetch" in r.stdout and "preview" in r.stdout
+
+
+def test_wheel_ships_the_configs(tmp_path):
+    # conf/ lives at the repository root; the installed package must carry it as stnbench.conf
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(repo),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("stnbench-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "stnbench/conf/stnbench_data.yaml" in names
+    assert "stnbench/conf/data/plain.yaml" in names
