@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from stnbench.errors import StnbenchError, one_line
+from stnbench.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +101,8 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     """Write a uint8 array as an IDX file, atomically (a temporary file, then a rename)."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
     header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(header + array.tobytes())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give it the mode open() would
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(header + array.tobytes())
 
 
 def _verified(path: Path) -> np.ndarray:
