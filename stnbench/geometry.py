@@ -136,6 +136,26 @@ def grid(kind: str, params: Tensor, size: tuple[int, int]) -> Tensor:
     return out.permute(0, 2, 3, 1)  # (B, H, W, 2)
 
 
+def homography(src: Tensor, dst: Tensor) -> Tensor:
+    """Projective params (B, 8) of the homography taking 4 points src (B, 4, 2) to dst (B, 4, 2).
+
+    For a grid, src are output locations and dst the input locations they sample.
+    """
+    if src.shape[-2:] != (4, 2) or dst.shape != src.shape or src.ndim != 3:
+        raise StnbenchError(
+            f"homography needs src and dst of shape (B, 4, 2); got "
+            f"{tuple(src.shape)} and {tuple(dst.shape)}"
+        )
+    x, y = src.unbind(-1)  # (B, 4)
+    u, v = dst.unbind(-1)
+    zero, one = torch.zeros_like(x), torch.ones_like(x)
+    # u (h31 x + h32 y + 1) = h11 x + h12 y + h13, and likewise for v: 8 equations, 8 unknowns
+    rows_u = torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], dim=-1)  # (B, 4, 8)
+    rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], dim=-1)
+    a = torch.cat([rows_u, rows_v], dim=1)  # (B, 8, 8)
+    return torch.linalg.solve(a, torch.cat([u, v], dim=1))  # (B, 8)
+
+
 def sample(images: Tensor, grid: Tensor, mode: str = "bilinear") -> Tensor:
     """Sample images (B, C, H_in, W_in) at a grid (B, H, W, 2) -> (B, C, H, W).
 

@@ -147,3 +147,15 @@ def test_bad_input_messages():
         geometry.sample(torch.zeros(1, 1, 4, 4), torch.zeros(1, 4, 4, 2), mode="bicubic")
     with pytest.raises(StnbenchError, match="unknown transform kind"):
         geometry.identity("similarity")
+
+
+def test_homography_maps_its_four_points():
+    g = torch.Generator().manual_seed(0)
+    square = torch.tensor([[-1.0, -1], [1, -1], [-1, 1], [1, 1]], dtype=torch.float64)
+    src = square + 0.2 * torch.randn(5, 4, 2, generator=g, dtype=torch.float64)
+    dst = 0.8 * square + 0.2 * torch.randn(5, 4, 2, generator=g, dtype=torch.float64)
+    h = torch.cat([geometry.homography(src, dst), torch.ones(5, 1, dtype=torch.float64)], 1)
+    mapped = torch.cat([src, torch.ones(5, 4, 1, dtype=torch.float64)], -1) @ h.view(5, 3, 3).mT
+    torch.testing.assert_close(mapped[..., :2] / mapped[..., 2:], dst, atol=1e-10, rtol=0)
+    with pytest.raises(StnbenchError, match=r"homography needs src and dst of shape \(B, 4, 2\)"):
+        geometry.homography(src[:, :3], dst[:, :3])
