@@ -1,32 +1,69 @@
 """Datasets by name and split: ``load(name, split) -> (images, labels)``.
 
-Splits follow the common reproduction of the STN paper: ``train`` is the first 50k images of
-MNIST's training set, ``val`` the last 10k, ``test`` MNIST's test set.
+A dataset name is a config in the installed package's ``conf/data/`` (``plain``, ``r``, ``rts``,
+``p``, ``e``, ``tc``, ``seed40``, or any recipe added there). Splits follow the common reproduction
+of the STN paper: ``train`` is the first 50k images of MNIST's training set, ``val`` the last 10k,
+``test`` MNIST's test set; the i-th image of a distorted split is the i-th MNIST image of that
+split, distorted, so labels equal plain's.
+
+Distorted splits are built once per (recipe, split, seed) and cached under
+``<data root>/distorted/<name>-<recipe digest>/<split>-seed<seed>.pt`` as uint8 (values rounded
+to 1/255, like MNIST itself); writes are atomic, so concurrent builders cannot corrupt a cache.
 """
 
+import importlib.resources
 import os
+from functools import lru_cache
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
 from stnbench import mnist
-from stnbench.errors import StnbenchError
+from stnbench.distortions import Recipe, distort, generator
+from stnbench.errors import StnbenchError, one_line
+from stnbench.files import atomic_path
 
 SPLITS = ("train", "val", "test")
-NAMES = ("plain",)
 TRAIN_SIZE = 50_000
 
 
-def _check(name: str, split: str) -> None:
-    if name not in NAMES:
-        raise StnbenchError(f"unknown dataset {name!r}; expected one of {', '.join(NAMES)}")
+@lru_cache(maxsize=1)
+def recipes() -> dict[str, Recipe | None]:
+    """Every configured dataset, name -> recipe (None for plain MNIST), from conf/data/*.yaml."""
+    folder = importlib.resources.files("stnbench.conf") / "data"
+    found = {}
+    for f in sorted(folder.iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".yaml"):
+            values = OmegaConf.to_container(OmegaConf.create(f.read_text()))["recipe"]
+            name = f.name.removesuffix(".yaml")
+            found[name] = (
+                None if values is None else Recipe.from_dict(values, f"conf/data/{f.name}: recipe")
+            )
+    return found
+
+
+def recipe(name: str) -> Recipe | None:
+    """The recipe of a configured dataset (None for plain MNIST)."""
+    if name not in recipes():
+        raise StnbenchError(f"unknown dataset {name!r}; expected one of {', '.join(recipes())}")
+    return recipes()[name]
+
+
+def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise StnbenchError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
 
 
+def _check_seed(seed) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise StnbenchError(f"seed must be an integer >= 0; got {seed!r}")
+
+
 def mnist_split(split: str, root: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
     """Undistorted MNIST split: uint8 images (N, 28, 28) and int64 labels (N,)."""
-    _check("plain", split)
+    _check_split(split)
     images, labels = mnist.read("test" if split == "test" else "train", root)
     if split == "train":
         return images[:TRAIN_SIZE], labels[:TRAIN_SIZE]
@@ -35,14 +72,90 @@ def mnist_split(split: str, root: str | os.PathLike | None = None) -> tuple[Tens
     return images, labels
 
 
+def _digits(split: str, root) -> tuple[Tensor, Tensor]:
+    images, labels = mnist_split(split, root)
+    return images.unsqueeze(1).to(torch.float32).div_(255), labels  # (N, 1, 28, 28)
+
+
+def _resolve(name: str, split: str, seed, rec: Recipe | None) -> Recipe | None:
+    """Check the arguments; the recipe to use: ``rec`` if given, else the configured one."""
+    configured = recipe(name)
+    _check_split(split)
+    _check_seed(seed)
+    return configured if rec is None else rec
+
+
+def cache_path(
+    name: str, split: str, root=None, seed: int = 0, recipe: Recipe | None = None
+) -> Path:
+    """Where the fixed dataset ``name`` / ``split`` / ``seed`` is cached (keyed by its recipe)."""
+    rec = _resolve(name, split, seed, recipe)
+    if rec is None:
+        raise StnbenchError("plain MNIST is not cached: it is read from the IDX files")
+    return mnist.data_root(root) / "distorted" / f"{name}-{rec.key()}" / f"{split}-seed{seed}.pt"
+
+
+def _read_cache(path: Path, n: int, canvas: int) -> tuple[Tensor, Tensor]:
+    try:
+        blob = torch.load(path, weights_only=True)
+        images, labels = blob["images"], blob["labels"]
+        assert images.dtype == torch.uint8 and images.shape == (n, 1, canvas, canvas)
+        assert labels.dtype == torch.int64 and labels.shape == (n,)
+    except Exception as e:
+        why = "wrong contents" if isinstance(e, AssertionError | KeyError) else one_line(e)
+        raise StnbenchError(f"{path} is unreadable ({why}); delete it and it is rebuilt") from None
+    return images, labels
+
+
 def load(
-    name: str, split: str, root: str | os.PathLike | None = None, seed: int = 0
+    name: str,
+    split: str,
+    root: str | os.PathLike | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    recipe: Recipe | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Images float32 (N, 1, H, W) in [0, 1] and labels int64 (N,) of a dataset split.
 
     ``root`` is the data root (default: $STNBENCH_DATA_ROOT, else the user's cache directory);
-    MNIST is fetched there on first use. ``seed`` selects the draw of a distorted dataset.
+    MNIST is fetched there on first use. ``seed`` selects the draw of a distorted dataset, which
+    is built on ``device`` (default cpu) the first time and read from its cache after that.
+    ``recipe`` replaces the configured recipe of ``name`` (e.g. with overrides applied).
     """
-    _check(name, split)
-    images, labels = mnist_split(split, root)
-    return images.unsqueeze(1).to(torch.float32).div_(255), labels  # (N, 1, 28, 28)
+    rec = _resolve(name, split, seed, recipe)
+    if rec is None:
+        return _digits(split, root)
+    path = cache_path(name, split, root, seed, rec)
+    digits, labels = _digits(split, root)
+    if path.exists():
+        images, _ = _read_cache(path, len(labels), rec.canvas)
+    else:
+        out = distort(rec, digits, generator(rec, split, seed), device=device)
+        images = out.mul_(255).round_().to(torch.uint8)
+        with atomic_path(path) as tmp:
+            torch.save({"images": images, "labels": labels, "recipe": rec.key()}, tmp)
+    return images.to(torch.float32).div_(255), labels
+
+
+def fresh(
+    name: str,
+    split: str,
+    epoch: int,
+    root: str | os.PathLike | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    recipe: Recipe | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A new draw of a distorted train or val split for one epoch, not cached, not quantised.
+
+    For training on fresh distortions every epoch; the test set always stays fixed, so
+    ``split="test"`` is refused.
+    """
+    rec = _resolve(name, split, seed, recipe)
+    if split == "test":
+        raise StnbenchError("fresh draws are for train and val; the test set stays fixed (load)")
+    digits, labels = _digits(split, root)
+    if rec is None:
+        return digits, labels
+    gen = generator(rec, f"{split}/epoch{epoch}", seed)
+    return distort(rec, digits, gen, device=device), labels

@@ -96,7 +96,10 @@ def test_bad_input_messages(tmp_path):
         StnbenchError, match="unknown split 'valid'; expected one of train, val, test"
     ):
         data.load("plain", "valid")
-    with pytest.raises(StnbenchError, match="unknown dataset 'cifar'; expected one of plain"):
+    with pytest.raises(
+        StnbenchError,
+        match="unknown dataset 'cifar'; expected one of e, p, plain, r, rts, seed40, tc",
+    ):
         data.load("cifar", "train")
     with pytest.raises(StnbenchError, match="unknown MNIST source 'web'"):
         mnist.fetch(tmp_path, source="web")

@@ -1,0 +1,226 @@
+"""The paper's distorted MNIST recipes (Appendix A.4) as seeded, batched warps on stnbench.geometry.
+
+A recipe turns each 28x28 MNIST digit into a canvas x canvas image with one warp, straight from
+the digit into the canvas (affine for rotation, shear, scale and translation; projective for P;
+thin plate spline for E), then optionally adds clutter and clips to [0, 1].
+
+Forward model, in pixels about the image centres: a digit point p lands at A p + t in the canvas,
+with A = R(rotation) Sh(shear) S(scale) and t the shift. The warp itself runs the other way
+(output -> input, stnbench.geometry's convention). On top of that:
+
+- projective (``corner_sigma`` > 0): the digit's 4 corners land at A c + t + e, e ~ N(0, sigma)
+  px per coordinate, and the homography through those 4 pairs is the warp (exact). Offsets that
+  fold the corners into a non-convex quad are drawn again: no homography shows a square that way
+  (the image would tear along the line at infinity); about 1.4% of draws at sigma = 5 px;
+- tps (``tps_sigma`` > 0): the canvas' 16 regular control points are moved by e ~ N(0, sigma) px
+  before mapping back through the affine part, so each samples the digit at A^-1 (c + e - t)
+  (to first order the same as moving the digit's control points forward by e).
+
+Random draws are made on the CPU from a torch.Generator, in a fixed order (transform, then
+clutter), so a dataset does not depend on the device the warp runs on, and turning clutter off
+leaves the digits where they were.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from stnbench import geometry
+from stnbench.errors import StnbenchError
+
+DIGIT = 28  # MNIST's side, pixels
+VERSION = 1  # bump when the generator's output for a recipe changes: it keys the caches
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One distortion recipe; every field is a config value (conf/data/<name>.yaml, ``recipe:``)."""
+
+    canvas: int = DIGIT  # output side, pixels
+    rotation: float = 0.0  # degrees: angle ~ U[-rotation, rotation]
+    shear: float = 0.0  # degrees: x-shear angle ~ U[-shear, shear]
+    scale: tuple[float, float] = (1.0, 1.0)  # factor ~ U[lo, hi]
+    place: bool = False  # shift so the scaled 28x28 box lands uniformly anywhere inside the canvas
+    translation: float = 0.0  # extra shift ~ U[-t, t] x canvas per axis (torchvision's convention)
+    corner_sigma: float = 0.0  # px: projective corner offsets ~ N(0, sigma)
+    tps_sigma: float = 0.0  # px: TPS control-point offsets ~ N(0, sigma)
+    clutter: int = 0  # patches cut from other digits of the split, added, then clipped to [0, 1]
+    clutter_size: int = 6  # patch side, pixels
+
+    def __post_init__(self):
+        def bad(key, expected):
+            raise StnbenchError(f"recipe.{key} must be {expected}; got {getattr(self, key)!r}")
+
+        if not _is_int(self.canvas) or self.canvas < 1:
+            bad("canvas", "a positive integer")
+        for key in ("rotation", "shear", "translation", "corner_sigma", "tps_sigma"):
+            if not _is_number(getattr(self, key)) or getattr(self, key) < 0:
+                bad(key, "a number >= 0")
+        scale = tuple(self.scale) if isinstance(self.scale, list | tuple) else ()
+        if len(scale) != 2 or not all(map(_is_number, scale)) or not 0 < scale[0] <= scale[1]:
+            bad("scale", "[lo, hi] with 0 < lo <= hi")
+        object.__setattr__(self, "scale", (float(scale[0]), float(scale[1])))
+        if self.shear >= 90:
+            bad("shear", "below 90 degrees")
+        if not isinstance(self.place, bool):
+            bad("place", "true or false")
+        if self.corner_sigma > 0 and self.tps_sigma > 0:
+            bad("tps_sigma", "0 when corner_sigma is set (one warp kind per recipe)")
+        if not _is_int(self.clutter) or self.clutter < 0:
+            bad("clutter", "an integer >= 0")
+        if not _is_int(self.clutter_size) or not 1 <= self.clutter_size <= min(DIGIT, self.canvas):
+            bad("clutter_size", f"an integer in [1, {min(DIGIT, self.canvas)}]")
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "recipe") -> "Recipe":
+        """A recipe from config values; errors name keys as ``<where>.<key>``."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in known:
+                raise StnbenchError(
+                    f"unknown key {where}.{key}; expected one of {', '.join(known)}"
+                )
+        try:
+            return cls(**values)
+        except StnbenchError as e:
+            raise StnbenchError(str(e).replace("recipe.", f"{where}.", 1)) from None
+
+    @property
+    def kind(self) -> str:
+        """The stnbench.geometry kind of the warp."""
+        if self.corner_sigma > 0:
+            return "projective"
+        return "tps" if self.tps_sigma > 0 else "affine"
+
+    def key(self) -> str:
+        """Short digest of the recipe and the generator version: it keys caches and draws."""
+        text = json.dumps({"version": VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def generator(recipe: Recipe, split: str, seed: int) -> torch.Generator:
+    """The CPU generator of one fixed dataset: distinct for every recipe, split and seed."""
+    digest = hashlib.sha256(f"{recipe.key()}/{split}/{seed}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def sample_transform(recipe: Recipe, n: int, gen: torch.Generator) -> tuple[str, Tensor]:
+    """Draw n warps: (kind, params (n, P)) mapping canvas pixels to the 28x28 digit they sample."""
+    f64 = torch.float64
+
+    def uniform(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen, dtype=f64)
+
+    s = uniform(*recipe.scale)
+    rot = torch.deg2rad(uniform(-recipe.rotation, recipe.rotation))
+    shear = torch.tan(torch.deg2rad(uniform(-recipe.shear, recipe.shear)))
+    room = (
+        (recipe.canvas - DIGIT * s).clamp_min(0) / 2 if recipe.place else torch.zeros(n, dtype=f64)
+    )
+    t = uniform(-1, 1, 2) * (room + recipe.translation * recipe.canvas)[:, None]  # (n, 2) px
+
+    cos, sin = torch.cos(rot), torch.sin(rot)
+    r = torch.stack([cos, -sin, sin, cos], dim=1).view(n, 2, 2)
+    sh = torch.eye(2, dtype=f64).repeat(n, 1, 1)
+    sh[:, 0, 1] = shear
+    a = r @ sh * s[:, None, None]  # (n, 2, 2): digit px -> canvas px, about the centres
+    a_inv = torch.linalg.inv(a)
+    half_in, half_out = DIGIT / 2, recipe.canvas / 2  # px per normalised unit
+
+    if recipe.kind == "projective":
+        corners = torch.tensor([[-1.0, -1], [1, -1], [-1, 1], [1, 1]], dtype=f64)  # (4, 2)
+        square = (corners * half_in) @ a.transpose(1, 2) + t[:, None]  # (n, 4, 2) px
+        landed = square + recipe.corner_sigma * torch.randn(n, 4, 2, generator=gen, dtype=f64)
+        while (bad := ~_convex(landed)).any():  # a folded quad is no view of a square: redraw
+            redraw = torch.randn(int(bad.sum()), 4, 2, generator=gen, dtype=f64)
+            landed[bad] = square[bad] + recipe.corner_sigma * redraw
+        return "projective", geometry.homography(landed / half_out, corners.expand(n, 4, 2)).float()
+    if recipe.kind == "tps":
+        ctrl = geometry.tps_control_points(f64) * half_out  # (16, 2) canvas px
+        offsets = recipe.tps_sigma * torch.randn(n, 16, 2, generator=gen, dtype=f64)
+        src = (ctrl + offsets - t[:, None]) @ a_inv.transpose(1, 2) / half_in  # (n, 16, 2)
+        return "tps", src.reshape(n, 32).float()
+    theta = torch.cat([a_inv * half_out / half_in, -(a_inv @ t[..., None]) / half_in], dim=2)
+    return "affine", theta.reshape(n, 6).float()  # (n, 2, 3) row-major
+
+
+def _convex(corners: Tensor) -> Tensor:
+    """Whether quads (n, 4, 2), corners ordered TL, TR, BL, BR, are convex with a square's turn."""
+    ring = corners[:, [0, 1, 3, 2]]  # (n, 4, 2) in order round the quad
+    edge = ring.roll(-1, dims=1) - ring
+    turn = (
+        edge[..., 0] * edge.roll(-1, dims=1)[..., 1] - edge[..., 1] * edge.roll(-1, dims=1)[..., 0]
+    )
+    return (turn > 0).all(dim=1)  # y points down: a square's corners turn the positive way
+
+
+def sample_clutter(recipe: Recipe, n: int, n_sources: int, gen: torch.Generator):
+    """Draw clutter for n images: sources (n, K), crop corners (n, K, 2), canvas corners (n, K, 2).
+
+    Source k of image i is another digit than the i-th (when the sources are the images' own set).
+    """
+    k, size = recipe.clutter, recipe.clutter_size
+    other = torch.randint(1, max(n_sources, 2), (n, k), generator=gen)
+    sources = (torch.arange(n)[:, None] + other) % n_sources
+    crops = torch.randint(0, DIGIT - size + 1, (n, k, 2), generator=gen)  # (x, y) in the digit
+    spots = torch.randint(0, recipe.canvas - size + 1, (n, k, 2), generator=gen)  # in the canvas
+    return sources, crops, spots
+
+
+def _add_clutter(canvas: Tensor, digits: Tensor, sources, crops, spots, size: int) -> Tensor:
+    """Add size x size patches of digits (M, 28, 28) into canvas (n, 1, C, C); clip to [0, 1]."""
+    n, c = canvas.shape[0], canvas.shape[-1]
+    r = torch.arange(size, device=canvas.device)
+    rows, cols = crops[..., 1, None] + r, crops[..., 0, None] + r  # (n, K, size)
+    patches = digits[sources[..., None, None], rows[..., :, None], cols[..., None, :]]  # (n,K,s,s)
+    ys, xs = spots[..., 1, None] + r, spots[..., 0, None] + r
+    image = torch.arange(n, device=canvas.device)[:, None, None, None]
+    flat = (image * c + ys[..., :, None]) * c + xs[..., None, :]  # (n, K, s, s) into (n*C*C,)
+    out = canvas.reshape(-1).index_add(0, flat.reshape(-1), patches.reshape(-1))
+    return out.view_as(canvas).clamp_(0, 1)
+
+
+def distort(
+    recipe: Recipe,
+    images: Tensor,
+    gen: torch.Generator,
+    sources: Tensor | None = None,
+    device: str | torch.device | None = None,
+    chunk: int = 8192,
+) -> Tensor:
+    """Distort digits (N, 1, 28, 28) in [0, 1] -> (N, 1, canvas, canvas) in [0, 1], on ``device``.
+
+    ``sources`` (M, 28, 28) are the digits clutter is cut from (default: the images themselves).
+    The result is on the CPU.
+    """
+    n = images.shape[0]
+    if images.shape[1:] != (1, DIGIT, DIGIT):
+        raise StnbenchError(f"distort needs images (N, 1, 28, 28); got {tuple(images.shape)}")
+    device = torch.device(device or "cpu")
+    kind, params = sample_transform(recipe, n, gen)
+    if recipe.clutter:
+        sources = (images[:, 0] if sources is None else sources).to(device, torch.float32)
+        clutter = sample_clutter(recipe, n, len(sources), gen)
+    size = (recipe.canvas, recipe.canvas)
+    out = torch.empty(n, 1, *size)
+    for i in range(0, n, chunk):
+        j = slice(i, i + chunk)
+        x = images[j].to(device, torch.float32)
+        y = geometry.warp(x, kind, params[j].to(device), size)  # (chunk, 1, C, C)
+        if recipe.clutter:
+            y = _add_clutter(y, sources, *(c[j].to(device) for c in clutter), recipe.clutter_size)
+        out[j] = y.clamp_(0, 1).cpu()
+    return out
