@@ -1,6 +1,7 @@
 import subprocess
 import zipfile
 
+import pytest
 from PIL import Image
 
 
@@ -52,8 +53,49 @@ def test_bad_input_is_one_line_and_exit_2(bin_dir, tmp_path):
     )
     one_line_error(run(bin_dir, "preview", "preview.n=0", cwd=tmp_path), "preview.n")
     one_line_error(run(bin_dir, "preview", "preview.nn=3", cwd=tmp_path), "preview.nn")
-    one_line_error(run(bin_dir, "build", cwd=tmp_path), "unknown action 'build'", "fetch, preview")
+    one_line_error(
+        run(bin_dir, "train", cwd=tmp_path), "unknown action 'train'", "fetch, build, preview"
+    )
+    one_line_error(
+        run(bin_dir, "build", "data=rts", "data.recipe.scale=[2,1]", cwd=tmp_path),
+        "data.recipe.scale must be [lo, hi]",
+    )
+    one_line_error(
+        run(bin_dir, "build", "data=rts", "data.recipe.angle=3", cwd=tmp_path), "data.recipe.angle"
+    )
     assert not (tmp_path / "outputs").exists()
+
+
+def test_build_caches_and_preview_shows_originals_above_distorted(bin_dir, mnist_copy, tmp_path):
+    r = run(
+        bin_dir, "build", "data=rts,tc", "splits=[val]", f"data.root={mnist_copy}", cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    assert "rts/val: (10000, 1, 42, 42)" in r.stdout and "tc/val: (10000, 1, 60, 60)" in r.stdout
+    assert len(list((mnist_copy / "distorted").glob("*/val-seed0.pt"))) == 2
+    r = run(
+        bin_dir,
+        "preview",
+        "data=rts",
+        "preview.split=val",
+        "preview.n=4",
+        "preview.scale=1",
+        f"data.root={mnist_copy}",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    with Image.open(tmp_path / "outputs" / "preview" / "rts.png") as im:
+        assert im.size == (4 * 44 + 2, 2 * 44 + 2)  # two rows of 42x42 with 2 px borders
+
+
+def test_device_cuda_without_gpu_is_refused(bin_dir, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    one_line_error(
+        run(bin_dir, "build", "data=r", "device=cuda", cwd=tmp_path), "device=cuda but no CUDA GPU"
+    )
 
 
 def test_help(bin_dir, tmp_path):

@@ -26,6 +26,7 @@ def run(prog: str, fn: Callable[[], object]) -> int:
     try:
         fn()
     except (StnbenchError, HydraException, OmegaConfBaseException) as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        message = one_line(e).split(" Config search path:")[0]  # Hydra's lists its search path
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     return 0

