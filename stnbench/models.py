@@ -1,0 +1,153 @@
+"""The paper's classifiers (FCN, CNN) and their spatial transformer versions, parameter-matched.
+
+Every classification network has three weight layers and ReLUs (Appendix A.4):
+
+- FCN: two hidden fully connected layers of ``width`` units, then the classifier.
+- CNN: conv 9x9 (``width`` filters) -> max-pool 2 -> conv 7x7 (``width`` filters) -> max-pool 2 ->
+  classifier. Unpadded as in the paper; where that stack cannot take the input (a 21x21 image, RTS
+  after the transformer's 2x pooling, would shrink to nothing) both convolutions are padded to
+  keep their size ('same'), which is the smallest change that fits.
+- ST-FCN, ST-CNN: a spatial transformer (stnbench.transformer) at the start, optionally 2x
+  average pooling after it (the paper's choice for RTS and TC), then the FCN or CNN.
+
+Widths are computed, not configured: for each model and input size the classifier's width is
+the integer whose total learnable parameter count (localisation net included) comes nearest the
+budget (default 400k), so all models for one canvas have about the same size.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from stnbench.errors import StnbenchError
+from stnbench.transformer import SpatialTransformer
+
+MODELS = ("fcn", "cnn", "st_fcn", "st_cnn")
+OPTIONS = ("budget", "out_size", "pool", "mode", "residual", "tanh")
+BUDGET = 400_000
+MAX_WIDTH = 4096
+
+
+def fcn(input_size: int, width: int, num_classes: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(input_size * input_size, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, num_classes),
+    )
+
+
+def cnn_padding(input_size: int) -> tuple[int, int]:
+    """Padding of the two convolutions: none where the paper's stack fits, else 'same'."""
+    return (0, 0) if ((input_size - 8) // 2 - 6) // 2 >= 1 else (4, 3)
+
+
+def cnn(input_size: int, width: int, num_classes: int) -> nn.Sequential:
+    p1, p2 = cnn_padding(input_size)
+    side = ((input_size - 8 + 2 * p1) // 2 - 6 + 2 * p2) // 2
+    return nn.Sequential(
+        nn.Conv2d(1, width, 9, padding=p1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, width, 7, padding=p2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(width * side * side, num_classes),
+    )
+
+
+CLASSIFIERS = {"fcn": fcn, "cnn": cnn}
+
+
+class STModel(nn.Module):
+    """Spatial transformer -> optional 2x average pooling -> classifier."""
+
+    def __init__(self, transformer: SpatialTransformer, pool: bool, classifier: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        self.pool = nn.AvgPool2d(2) if pool else nn.Identity()
+        self.classifier = classifier
+
+    def transform(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The transformer's output image (B, 1, out, out), before pooling, and params (B, P)."""
+        return self.transformer(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, _ = self.transformer(x)
+        return self.classifier(self.pool(y))  # (B, num_classes)
+
+
+def count(module: nn.Module) -> int:
+    """Learnable parameters of a module."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _width(make, budget: int, fixed: int) -> int:
+    """The classifier width whose total parameter count comes nearest ``budget``."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+
+        def total(w):
+            return fixed + count(make(w))
+
+        lo, hi = 1, MAX_WIDTH  # total() grows with the width: bisect for the crossing
+        if total(lo) > budget:
+            raise StnbenchError(
+                f"budget {budget} is below the smallest such model ({total(lo)} parameters)"
+            )
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if total(mid) <= budget else (lo, mid)
+        return min((lo, hi), key=lambda w: abs(total(w) - budget))
+
+
+def build(
+    model: str,
+    transform: str | None,
+    input_size: int,
+    num_classes: int = 10,
+    **options,
+) -> nn.Module:
+    """A classifier for (B, 1, input_size, input_size) images -> logits (B, num_classes).
+
+    ``model`` is fcn, cnn, st_fcn or st_cnn; ``transform`` the ST models' geometry kind (affine,
+    attention, projective, tps; ignored by fcn and cnn). Options: ``budget`` (learnable
+    parameters to match, default 400k); for ST models ``out_size`` (transformer output side,
+    default the input's), ``pool`` (2x average pooling after the transformer; default on for
+    inputs of 42 and more, as the paper does for RTS and TC), ``mode`` (bilinear or nearest),
+    ``residual`` and ``tanh`` (see SpatialTransformer).
+    """
+    if model not in MODELS:
+        raise StnbenchError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
+    for key in options:
+        if key not in OPTIONS:
+            raise StnbenchError(
+                f"unknown model option {key!r}; expected one of {', '.join(OPTIONS)}"
+            )
+    if not isinstance(input_size, int) or input_size < 1:
+        raise StnbenchError(f"input_size must be a positive integer; got {input_size!r}")
+    budget = options.pop("budget", None) or BUDGET
+    classifier = model.removeprefix("st_")
+    make = CLASSIFIERS[classifier]
+    if model == classifier:
+        width = _width(lambda w: make(input_size, w, num_classes), budget, 0)
+        return make(input_size, width, num_classes)
+
+    if transform is None:
+        raise StnbenchError(
+            f"model {model} needs a transform; expected affine, attention, projective or tps"
+        )
+    pool = options.pop("pool", None)
+    pool = input_size >= 42 if pool is None else bool(pool)
+    transformer = SpatialTransformer(classifier, transform, input_size, **options)
+    seen = transformer.out_size // 2 if pool else transformer.out_size
+    width = _width(lambda w: make(seen, w, num_classes), budget, count(transformer))
+    return STModel(transformer, pool, make(seen, width, num_classes))
+
+
+def from_config(model: dict, transform: dict | None, input_size: int, num_classes: int = 10):
+    """build() from the ``model`` and ``transform`` config groups (conf/model, conf/transform)."""
+    options = {k: v for k, v in model.items() if k != "name"}
+    kind = transform["kind"] if transform else None
+    return build(model["name"], kind, input_size, num_classes, **options)

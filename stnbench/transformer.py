@@ -1,0 +1,100 @@
+"""The spatial transformer: a localisation net predicts parameters, stnbench.geometry warps.
+
+Localisation nets follow the paper (Appendix A.4) and end in a regression layer that starts at
+the identity transform: zero weights, and a bias that makes the output the identity's parameters.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from stnbench import geometry
+from stnbench.errors import StnbenchError
+
+LOC_FCN_HIDDEN = 32  # ST-FCN: two 32-unit hidden layers, then the regression layer
+LOC_CNN_FILTERS = 20  # ST-CNN: 2x downsample, conv 20 5x5, max-pool, conv 20 5x5, FC 20
+LOC_CNN_HIDDEN = 20
+
+
+def loc_fcn(input_size: int) -> nn.Sequential:
+    """ST-FCN's localisation trunk: (B, 1, S, S) -> (B, 32) features."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(input_size * input_size, LOC_FCN_HIDDEN),
+        nn.ReLU(),
+        nn.Linear(LOC_FCN_HIDDEN, LOC_FCN_HIDDEN),
+        nn.ReLU(),
+    )
+
+
+def loc_cnn(input_size: int) -> nn.Sequential:
+    """ST-CNN's localisation trunk: (B, 1, S, S) -> (B, 20) features."""
+    side = ((input_size // 2 - 4) // 2) - 4  # avg-pool 2, conv 5, max-pool 2, conv 5
+    if side < 1:
+        raise StnbenchError(
+            f"input size {input_size} is too small for the ST-CNN localisation net; expected >= 28"
+        )
+    f = LOC_CNN_FILTERS
+    return nn.Sequential(
+        nn.AvgPool2d(2),  # the paper's 2x downsampling of the input
+        nn.Conv2d(1, f, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(f, f, 5),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(f * side * side, LOC_CNN_HIDDEN),
+        nn.ReLU(),
+    )
+
+
+LOCALISATION = {"fcn": (loc_fcn, LOC_FCN_HIDDEN), "cnn": (loc_cnn, LOC_CNN_HIDDEN)}
+
+
+class SpatialTransformer(nn.Module):
+    """Localisation net + grid + sampler: (B, 1, S, S) -> (B, 1, out, out) and params (B, P).
+
+    ``residual``: params = identity + delta, the regression layer predicting delta (starts at 0).
+    ``tanh``: params = identity + tanh(delta), bounding each parameter's deviation from the
+    identity to (-1, 1); it implies the residual form, since the identity's own parameters (+-1)
+    lie on tanh's bounds. Otherwise the regression layer's bias is the identity itself.
+    """
+
+    def __init__(
+        self,
+        loc: str,
+        kind: str,
+        input_size: int,
+        out_size: int | None = None,
+        mode: str = "bilinear",
+        residual: bool = False,
+        tanh: bool = False,
+    ):
+        super().__init__()
+        geometry.num_params(kind)  # validates the kind
+        if mode not in geometry.MODES:
+            raise StnbenchError(
+                f"unknown sampling mode {mode!r}; expected one of bilinear, nearest"
+            )
+        trunk, hidden = LOCALISATION[loc]
+        self.kind, self.mode, self.tanh = kind, mode, tanh
+        self.residual = residual or tanh
+        self.out_size = out_size or input_size
+        self.loc = trunk(input_size)
+        self.regress = nn.Linear(hidden, geometry.num_params(kind))
+        nn.init.zeros_(self.regress.weight)
+        identity = geometry.identity(kind)
+        self.register_buffer("identity", identity, persistent=False)
+        with torch.no_grad():
+            self.regress.bias.copy_(torch.zeros_like(identity) if self.residual else identity)
+
+    def params(self, x: Tensor) -> Tensor:
+        """Predicted transform parameters (B, P)."""
+        out = self.regress(self.loc(x))
+        if self.tanh:
+            out = torch.tanh(out)
+        return self.identity + out if self.residual else out
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        p = self.params(x)  # (B, P)
+        g = geometry.grid(self.kind, p, (self.out_size, self.out_size))  # (B, out, out, 2)
+        return geometry.sample(x, g, self.mode), p

@@ -1,0 +1,124 @@
+import importlib.resources
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from stnbench import geometry
+from stnbench.errors import StnbenchError
+from stnbench.models import BUDGET, MODELS, STModel, build, cnn_padding, count, from_config
+
+CANVASES = (28, 42, 60)
+COMBOS = [(m, None) for m in ("fcn", "cnn")] + [
+    (m, k) for m in ("st_fcn", "st_cnn") for k in geometry.KINDS
+]
+
+
+def batch(size, b=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 1, size, size, generator=g), torch.randint(0, 10, (b,), generator=g)
+
+
+@pytest.mark.parametrize("size", CANVASES)
+@pytest.mark.parametrize(("model", "kind"), COMBOS)
+def test_every_model_trains_and_st_models_start_at_identity(model, kind, size):
+    torch.manual_seed(0)
+    net = build(model, kind, size)
+    x, y = batch(size)
+    logits = net(x)
+    assert logits.shape == (4, 10) and torch.isfinite(logits).all()
+
+    if isinstance(net, STModel):  # starts at the identity, returning its input unchanged
+        out, params = net.transform(x)
+        torch.testing.assert_close(params, geometry.identity(kind).expand(4, -1))
+        torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+
+    # every parameter receives a gradient: after one step (the zero-initialised regression layer
+    # blocks the localisation net's gradient until it moves), all of them are non-zero
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} received no gradient"
+
+
+@pytest.mark.parametrize("size", CANVASES)
+def test_all_models_of_a_canvas_match_the_budget(size):
+    counts = {(m, k): count(build(m, k, size)) for m, k in COMBOS}
+    for key, n in counts.items():
+        assert abs(n / BUDGET - 1) < 0.05, (key, n)
+    assert max(counts.values()) / min(counts.values()) < 1.05
+    assert count(build("cnn", None, size, budget=200_000)) == pytest.approx(200_000, rel=0.05)
+
+
+def test_cnn_pads_only_where_the_paper_stack_cannot_fit():
+    assert cnn_padding(28) == (0, 0) and cnn_padding(30) == (0, 0) and cnn_padding(42) == (0, 0)
+    assert cnn_padding(21) == (4, 3)  # RTS after the transformer's 2x pooling
+    net = build("st_cnn", "affine", 42)  # pools 42 -> 21 by default
+    assert isinstance(net.pool, torch.nn.AvgPool2d) and net(batch(42)[0]).shape == (4, 10)
+
+
+def test_transformer_options():
+    x, _ = batch(60)
+    net = build("st_cnn", "attention", 60, out_size=30, pool=False)
+    out, params = net.transform(x)
+    assert out.shape == (4, 1, 30, 30) and params.shape == (4, 3)
+    assert isinstance(net.pool, torch.nn.Identity) and net(x).shape == (4, 10)
+    # a 60 -> 30 identity transform is a 2x downsampling: the mean of each 2x2 block
+    torch.testing.assert_close(out, torch.nn.functional.avg_pool2d(x, 2), atol=1e-5, rtol=0)
+    for opts in ({"residual": True}, {"tanh": True}, {"mode": "nearest"}):
+        net = build("st_fcn", "tps", 28, **opts)
+        out, params = net.transform(batch(28)[0])
+        torch.testing.assert_close(params, geometry.identity("tps").expand(4, -1))
+        torch.testing.assert_close(out, batch(28)[0], atol=1e-5, rtol=0)
+    tanh = build("st_fcn", "affine", 28, tanh=True).transformer
+    with torch.no_grad():
+        tanh.regress.bias.fill_(100.0)  # far out: the deviation saturates at 1
+    assert (tanh.params(batch(28)[0]) - geometry.identity("affine")).max() <= 1.0
+
+
+def test_config_groups_build_their_models():
+    conf = importlib.resources.files("stnbench.conf")
+    models = {
+        f.name[:-5]: OmegaConf.load(f)
+        for f in (conf / "model").iterdir()
+        if f.name.endswith(".yaml")
+    }
+    kinds = {
+        f.name[:-5]: OmegaConf.load(f)
+        for f in (conf / "transform").iterdir()
+        if f.name.endswith(".yaml")
+    }
+    assert sorted(models) == sorted(MODELS) and sorted(kinds) == sorted(geometry.KINDS)
+    for name, mcfg in models.items():
+        for kind, tcfg in kinds.items():
+            net = from_config(OmegaConf.to_container(mcfg), OmegaConf.to_container(tcfg), 42)
+            assert abs(count(net) / mcfg.budget - 1) < 0.05
+            if name.startswith("st_"):
+                assert net.transformer.kind == kind
+
+
+def test_bad_names_and_options():
+    with pytest.raises(
+        StnbenchError, match="unknown model 'resnet'; expected one of fcn, cnn, st_fcn, st_cnn"
+    ):
+        build("resnet", None, 28)
+    with pytest.raises(
+        StnbenchError, match="unknown transform kind 'rigid'; expected one of affine"
+    ):
+        build("st_cnn", "rigid", 28)
+    with pytest.raises(StnbenchError, match="model st_fcn needs a transform"):
+        build("st_fcn", None, 28)
+    with pytest.raises(
+        StnbenchError, match="unknown model option 'dropout'; expected one of budget"
+    ):
+        build("cnn", None, 28, dropout=0.5)
+    with pytest.raises(StnbenchError, match="unknown sampling mode 'bicubic'"):
+        build("st_cnn", "affine", 28, mode="bicubic")
+    with pytest.raises(StnbenchError, match="too small for the ST-CNN localisation net"):
+        build("st_cnn", "affine", 20)
+    with pytest.raises(StnbenchError, match="budget 1000 is below the smallest such model"):
+        build("st_fcn", "affine", 60, budget=1000)
