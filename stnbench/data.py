@@ -27,6 +27,7 @@ from stnbench.files import atomic_path
 
 SPLITS = ("train", "val", "test")
 TRAIN_SIZE = 50_000
+SPLIT_SIZES = {"train": TRAIN_SIZE, "val": 10_000, "test": 10_000}
 
 
 @lru_cache(maxsize=1)
@@ -96,14 +97,18 @@ def cache_path(
 
 
 def _read_cache(path: Path, n: int, canvas: int) -> tuple[Tensor, Tensor]:
+    rebuild = "delete it and it is rebuilt"
     try:
         blob = torch.load(path, weights_only=True)
         images, labels = blob["images"], blob["labels"]
-        assert images.dtype == torch.uint8 and images.shape == (n, 1, canvas, canvas)
-        assert labels.dtype == torch.int64 and labels.shape == (n,)
     except Exception as e:
-        why = "wrong contents" if isinstance(e, AssertionError | KeyError) else one_line(e)
-        raise StnbenchError(f"{path} is unreadable ({why}); delete it and it is rebuilt") from None
+        raise StnbenchError(f"{path} is unreadable ({one_line(e)}); {rebuild}") from None
+    if (
+        images.dtype != torch.uint8
+        or images.shape != (n, 1, canvas, canvas)
+        or labels.shape != (n,)
+    ):
+        raise StnbenchError(f"{path} does not hold {n} uint8 {canvas}x{canvas} images; {rebuild}")
     return images, labels
 
 
@@ -126,10 +131,10 @@ def load(
     if rec is None:
         return _digits(split, root)
     path = cache_path(name, split, root, seed, rec)
-    digits, labels = _digits(split, root)
-    if path.exists():
-        images, _ = _read_cache(path, len(labels), rec.canvas)
+    if path.exists():  # the cache holds the labels too: MNIST is read only to build
+        images, labels = _read_cache(path, SPLIT_SIZES[split], rec.canvas)
     else:
+        digits, labels = _digits(split, root)
         out = distort(rec, digits, generator(rec, split, seed), device=device)
         images = out.mul_(255).round_().to(torch.uint8)
         with atomic_path(path) as tmp:
