@@ -45,6 +45,18 @@ def num_params(kind: str) -> int:
     return NUM_PARAMS[kind]
 
 
+def param_names(kind: str) -> list[str]:
+    """A name for each of a kind's parameters, in layout order (for logs and histograms)."""
+    _check_kind(kind)
+    if kind == "affine":
+        return ["a11", "a12", "tx", "a21", "a22", "ty"]
+    if kind == "attention":
+        return ["s", "tx", "ty"]
+    if kind == "projective":
+        return ["h11", "h12", "h13", "h21", "h22", "h23", "h31", "h32"]
+    return [f"{axis}{i:02d}" for i in range(TPS_GRID * TPS_GRID) for axis in "xy"]
+
+
 def tps_control_points(dtype=torch.float32, device=None) -> Tensor:
     """The 16 control points, (16, 2) as (x, y), on a 4x4 grid over [-1, 1]^2, y outer."""
     t = torch.linspace(-1.0, 1.0, TPS_GRID, dtype=dtype, device=device)

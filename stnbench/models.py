@@ -18,6 +18,7 @@ budget (default 400k), so all models for one canvas have about the same size.
 import torch
 from torch import Tensor, nn
 
+from stnbench import geometry
 from stnbench.errors import StnbenchError
 from stnbench.transformer import SpatialTransformer
 
@@ -78,6 +79,13 @@ class STModel(nn.Module):
         y, _ = self.transformer(x)
         return self.classifier(self.pool(y))  # (B, num_classes)
 
+    def untransformed(self, x: Tensor) -> Tensor:
+        """Logits with the transformer bypassed by the identity (the seed notes' "CNN only")."""
+        t = self.transformer
+        if t.out_size != x.shape[-1]:  # the identity to another size: a plain resampling
+            x = geometry.warp(x, t.kind, t.identity.expand(len(x), -1), (t.out_size,) * 2, t.mode)
+        return self.classifier(self.pool(x))
+
 
 def count(module: nn.Module) -> int:
     """Learnable parameters of a module."""
@@ -100,6 +108,25 @@ def _width(make, budget: int, fixed: int) -> int:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if total(mid) <= budget else (lo, mid)
         return min((lo, hi), key=lambda w: abs(total(w) - budget))
+
+
+def _check_options(options: dict) -> None:
+    """Option types, checked here because the wrong type would silently mean something else."""
+
+    def bad(key, expected):
+        raise StnbenchError(f"model.{key} must be {expected}; got {options[key]!r}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key in ("residual", "tanh"):
+        if key in options and not isinstance(options[key], bool):
+            bad(key, "true or false")
+    if options.get("pool") is not None and not isinstance(options["pool"], bool):
+        bad("pool", "true, false or null")
+    for key in ("budget", "out_size"):
+        if options.get(key) is not None and not (is_int(options[key]) and options[key] >= 1):
+            bad(key, "a positive integer or null")
 
 
 def build(
@@ -127,6 +154,7 @@ def build(
             )
     if not isinstance(input_size, int) or input_size < 1:
         raise StnbenchError(f"input_size must be a positive integer; got {input_size!r}")
+    _check_options(options)
     budget = options.pop("budget", None) or BUDGET
     classifier = model.removeprefix("st_")
     make = CLASSIFIERS[classifier]

@@ -120,5 +120,7 @@ def test_bad_names_and_options():
         build("st_cnn", "affine", 28, mode="bicubic")
     with pytest.raises(StnbenchError, match="too small for the ST-CNN localisation net"):
         build("st_cnn", "affine", 20)
+    with pytest.raises(StnbenchError, match="model.tanh must be true or false; got 'yes'"):
+        build("st_cnn", "affine", 28, tanh="yes")
     with pytest.raises(StnbenchError, match="budget 1000 is below the smallest such model"):
         build("st_fcn", "affine", 60, budget=1000)
