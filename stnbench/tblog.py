@@ -1,0 +1,47 @@
+"""TensorBoard diagnostics of a spatial transformer, written into the run's own folder."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+from torchvision.utils import make_grid
+
+from stnbench import geometry
+
+OUTLINE = 4  # the outline is traced at 4x the output's resolution, so it draws as a line
+
+
+def outline(images: Tensor, kind: str, params: Tensor, out_size: int) -> Tensor:
+    """Inputs (B, 1, H, W) as RGB (B, 3, H, W) with the sampling grid's outline drawn in red."""
+    b, _, h, w = images.shape
+    n = OUTLINE * out_size
+    g = geometry.grid(kind, params, (n, n))  # (B, n, n, 2)
+    edge = torch.cat([g[:, 0], g[:, -1], g[:, :, 0], g[:, :, -1]], dim=1)  # (B, 4n, 2)
+    x = ((edge[..., 0] + 1) * w - 1) / 2  # normalised -> pixel index (align_corners=False)
+    y = ((edge[..., 1] + 1) * h - 1) / 2
+    ix, iy = x.round().long(), y.round().long()
+    inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
+    which = torch.arange(b, device=images.device)[:, None].expand_as(ix)
+    rgb = images.expand(-1, 3, -1, -1).clone()
+    for channel, value in enumerate((1.0, 0.0, 0.0)):
+        rgb[which[inside], channel, iy[inside], ix[inside]] = value
+    return rgb
+
+
+def transform_panel(images: Tensor, out: Tensor, kind: str, params: Tensor) -> Tensor:
+    """One image (3, H', W'): inputs with their grid's outline, beside the transformer's output."""
+    size = images.shape[-1]
+    drawn = outline(images, kind, params, out.shape[-1])
+    shown = F.interpolate(out, size=(size, size), mode="nearest") if out.shape[-1] != size else out
+    pairs = torch.stack([drawn, shown.expand(-1, 3, -1, -1)], dim=1).flatten(0, 1)  # (2B, 3, H, W)
+    return make_grid(pairs.clamp(0, 1).cpu(), nrow=8, padding=2, pad_value=0.5)
+
+
+def write_hparams(writer: SummaryWriter, hparam: dict, metrics: dict) -> None:
+    """Hparams and their final metrics into the writer's own run (add_hparams makes a sub-run)."""
+    exp, ssi, sei = hparams(hparam, {f"hparam/{k}": v for k, v in metrics.items()})
+    for summary in (exp, ssi, sei):
+        writer.file_writer.add_summary(summary)
+    for k, v in metrics.items():
+        writer.add_scalar(f"hparam/{k}", v)

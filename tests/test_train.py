@@ -1,0 +1,315 @@
+"""stnbench-train: real short trainings, TensorBoard's own reader, exact resume, clear failures."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from stnbench import geometry
+from stnbench.cli import load_config
+from stnbench.train import lr_factor, train
+
+TINY = [
+    "data.train_size=3000",
+    "train.batch_size=64",
+    "train.val_every=50",
+    "train.val_size=500",
+    "train.log_every=25",
+    "optim.lr=0.05",
+    "schedule=constant",
+]
+
+
+def config(*overrides):
+    return load_config("stnbench_train", [*TINY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def runs(mnist_root, tmp_path_factory):
+    """Short real trainings on plain and RTS, for CNN and ST-CNN (about a minute and a half)."""
+    out = {}
+    for data, steps in (("plain", 100), ("rts", 150)):
+        for model in ("cnn", "st_cnn"):
+            path = tmp_path_factory.mktemp(f"{data}_{model}")
+            cfg = config(f"data={data}", f"model={model}", f"train.steps={steps}")
+            out[data, model] = path, train(cfg, path)
+    return out
+
+
+@pytest.mark.parametrize("data", ["plain", "rts"])
+@pytest.mark.parametrize("model", ["cnn", "st_cnn"])
+def test_short_training_ends_well_below_chance(runs, data, model):
+    path, m = runs[data, model]
+    assert m["status"] == "ok" and m["steps"] == (100 if data == "plain" else 150)
+    limit = 20 if data == "plain" else 50  # chance is 90%
+    assert m["test_error"] < limit and m["val_error"] < limit + 5
+    on_disk = json.loads((path / "metrics.json").read_text())
+    assert on_disk == m
+    for key in (
+        "test_error",
+        "val_error",
+        "status",
+        "params",
+        "steps",
+        "seconds",
+        "images_per_second",
+        "data",
+        "model",
+        "transform",
+        "lr",
+        "seed",
+    ):
+        assert key in on_disk
+    assert on_disk["data"] == data and on_disk["model"] == model
+    assert on_disk["transform"] == ("affine" if model == "st_cnn" else None)
+    assert 380_000 < on_disk["params"] < 420_000 and on_disk["images_per_second"] > 0
+
+
+def test_checkpoint_loads_with_torch_safe_default(runs):
+    path, m = runs["plain", "st_cnn"]
+    ckpt = torch.load(path / "checkpoint.pt")  # weights_only=True is torch's default
+    assert isinstance(ckpt["config"], dict) and ckpt["config"]["model"]["name"] == "st_cnn"
+    assert ckpt["state"]["step"] == m["steps"]
+
+
+def test_tensorboard_holds_every_diagnostic(runs):
+    path, m = runs["rts", "st_cnn"]
+    assert [p.name for p in path.iterdir() if p.is_dir()] == []  # no stray sub-runs
+    events = EventAccumulator(
+        str(path), size_guidance={"histograms": 0, "images": 0, "scalars": 0, "tensors": 0}
+    )
+    events.Reload()
+    tags = events.Tags()
+    for tag in (
+        "train/loss",
+        "train/error",
+        "val/loss",
+        "val/error",
+        "lr",
+        "val/error_untransformed",
+        "transform/identity_distance",
+    ):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in events.Scalars("val/error")] == [50, 100, 150]
+    assert len(events.Scalars("train/loss")) == 150 // 25
+    for name in geometry.param_names("affine"):
+        assert len(events.Histograms(f"theta/{name}")) == 3
+    (image,) = events.Images("transform/inputs_and_outputs")[-1:]
+    assert image.width > 8 * 42 and image.height > 2 * 42  # 8 pairs of 42x42
+    assert any("model/params" in t for t in tags["tensors"])
+    text = events.Tensors(next(t for t in tags["tensors"] if "model/params" in t))[0]
+    assert f"{m['params']:,} learnable parameters" in text.tensor_proto.string_val[0].decode()
+    hparams = events.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+    final = events.Scalars("hparam/test_error")[-1].value
+    assert final == pytest.approx(m["test_error"])
+
+
+def test_cnn_runs_have_no_transform_diagnostics(runs):
+    path, _ = runs["plain", "cnn"]
+    events = EventAccumulator(str(path))
+    events.Reload()
+    assert "val/error" in events.Tags()["scalars"]
+    assert not any(t.startswith("theta/") for t in events.Tags()["histograms"])
+
+
+def test_finished_run_is_not_trained_again(runs, caplog):
+    path, m = runs["plain", "cnn"]
+    before = (path / "metrics.json").stat().st_mtime_ns
+    with caplog.at_level("INFO"):
+        again = train(config("data=plain", "model=cnn", "train.steps=100"), path)
+    assert again == m and (path / "metrics.json").stat().st_mtime_ns == before
+    assert "is finished" in caplog.text
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(mnist_root, tmp_path):
+    args = ("data=plain", "model=st_fcn", "transform=tps", "train.steps=40", "train.val_every=20")
+    a = train(config(*args), tmp_path / "a")
+    b = train(config(*args), tmp_path / "b")
+    c = train(config(*args, "seed=1"), tmp_path / "c")
+    keys = ("test_error", "val_error", "best_test_error", "test_error_untransformed")
+    assert [a[k] for k in keys] == [b[k] for k in keys]
+    assert [a[k] for k in keys] != [c[k] for k in keys]
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(mnist_root, bin_dir, tmp_path):
+    args = [
+        *TINY,
+        "data=plain",
+        "model=st_cnn",
+        "train.steps=120",
+        "train.val_every=20",
+        "data.train_size=2000",
+        "train.progress=false",
+    ]
+
+    def command(out):
+        return [str(bin_dir / "stnbench-train"), *args, f"hydra.run.dir={out}"]
+
+    whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoint.pt").exists() and not (killed / "metrics.json").exists()
+    step = torch.load(killed / "checkpoint.pt")["state"]["step"]
+    assert 0 < step < 120  # killed mid-training
+    resumed = subprocess.run(command(killed), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in (killed / "train.log").read_text()
+    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    for key in (
+        "test_error",
+        "val_error",
+        "best_test_error",
+        "best_val_error",
+        "best_step",
+        "test_error_untransformed",
+        "steps",
+        "status",
+    ):
+        assert a[key] == b[key], key
+
+
+def test_divergence_is_a_result(mnist_root, tmp_path):
+    m = train(config("data=plain", "model=fcn", "optim.lr=1e6", "train.steps=50"), tmp_path)
+    assert m["status"] == "diverged" and "non-finite" in m["reason"]
+    assert m["test_error"] is None
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
+
+
+def test_collapse_is_detected_and_stops_the_run(mnist_root, tmp_path):
+    # counting any error >= 1% as near chance makes every validation a collapse
+    args = (
+        "data=plain",
+        "model=fcn",
+        "train.steps=200",
+        "train.val_every=20",
+        "train.collapse.error=1",
+        "train.collapse.patience=2",
+    )
+    m = train(config(*args), tmp_path / "stop")
+    assert m["status"] == "collapsed" and m["collapsed_at"] == 40 and m["steps"] == 40
+    assert m["test_error"] is not None
+    going = train(config(*args, "train.collapse.stop=false"), tmp_path / "go")
+    assert going["status"] == "collapsed" and going["steps"] == 200  # trained on, still there
+
+
+def test_another_configuration_in_the_same_folder_is_refused(runs):
+    from stnbench.errors import StnbenchError
+
+    path, _ = runs["plain", "cnn"]
+    (path / "metrics.json").rename(path / "metrics.moved")
+    try:
+        with pytest.raises(
+            StnbenchError, match=r"holds a run of another configuration \(train.steps"
+        ):
+            train(config("data=plain", "model=cnn", "train.steps=300"), path)
+    finally:
+        (path / "metrics.moved").rename(path / "metrics.json")
+
+
+def test_schedules():
+    step = load_config("stnbench_train", []).schedule
+    assert [lr_factor(step, s, 150000) for s in (0, 49999, 50000, 100000)] == [1, 1, 0.1, 0.1**2]
+    cos = load_config("stnbench_train", ["schedule=cosine"]).schedule
+    assert lr_factor(cos, 0, 100) == 1 and lr_factor(cos, 100, 100) == pytest.approx(0)
+    exp = load_config("stnbench_train", ["schedule=exponential"]).schedule
+    assert lr_factor(exp, 25000, 1) == pytest.approx(math.sqrt(0.1))
+    const = load_config("stnbench_train", ["schedule=constant"]).schedule
+    assert lr_factor(const, 12345, 150000) == 1
+
+
+def test_paper_settings_are_the_defaults():
+    cfg = load_config("stnbench_train", [])
+    assert (cfg.optim.name, cfg.optim.lr, cfg.train.steps, cfg.train.batch_size) == (
+        "sgd",
+        0.01,
+        150000,
+        256,
+    )
+    assert (cfg.schedule.name, cfg.schedule.every, cfg.schedule.gamma) == ("step", 50000, 0.1)
+    assert cfg.optim.weight_decay == 0 and cfg.data.name == "rts"
+
+
+BAD = [
+    (["data=mnist"], "Could not find 'data/mnist'"),
+    (["model=resnet"], "Could not find 'model/resnet'"),
+    (["optim.lr=0"], "optim.lr must be a number in (0, inf]"),
+    (["optim.lr=-0.1"], "optim.lr must be a number in (0, inf]"),
+    (["optim.lr=fast"], "optim.lr must be a number in (0, inf]; got 'fast'"),
+    (["train.steps=0"], "train.steps must be an integer >= 1; got 0"),
+    (
+        ["data.train_size=100", "train.batch_size=256"],
+        "train.batch_size (256) is larger than the training set (100 images",
+    ),
+    (["seed=abc"], "seed must be an integer >= 0; got 'abc'"),
+    (["seed=1.5"], "seed must be an integer >= 0; got 1.5"),
+    (["model.residual=maybe"], "model.residual must be true or false; got 'maybe'"),
+    (["model.out_size=0"], "model.out_size must be a positive integer or null; got 0"),
+    (["-m", "optim.lr=0.01,0"], "optim.lr must be a number in (0, inf]; got 0"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD)
+def test_bad_input_is_one_line_exit_2_and_no_run(bin_dir, tmp_path, overrides, message):
+    r = subprocess.run(
+        [str(bin_dir / "stnbench-train"), *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stnbench-train: error:"), r.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "outputs").exists()  # no run folder, no metrics.json
+
+
+def test_data_root_that_is_a_file_and_cuda_without_gpu(bin_dir, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    cases = [([f"data.root={afile}"], f"data root {afile} is a file")]
+    if not torch.cuda.is_available():
+        cases.append((["device=cuda"], "device=cuda but no CUDA GPU is available"))
+    for overrides, message in cases:
+        r = subprocess.run(
+            [str(bin_dir / "stnbench-train"), *overrides],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_hydra_help_cfg_and_shell_completion(bin_dir, tmp_path):
+    def run(*args):
+        return subprocess.run(
+            [str(bin_dir / "stnbench-train"), *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    r = run("--help")
+    assert r.returncode == 0 and "data: e, p, plain, r, rts, seed40, tc" in r.stdout
+    r = run("experiment=quick", "model=cnn", "--cfg", "job")
+    assert r.returncode == 0 and "steps: 600" in r.stdout and "name: cnn" in r.stdout
+    r = run("--shell-completion", "install=bash")
+    assert r.returncode == 0 and "complete" in r.stdout
+    assert not (tmp_path / "outputs").exists()
