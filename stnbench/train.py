@@ -192,7 +192,12 @@ class Progress:
 
     def show(self, step: int, text: str) -> None:
         if self.enabled:
-            print(f"\r[{step}/{self.total}] {text}", end="", file=sys.stderr, flush=True)
+            print(f"\r\033[K[{step}/{self.total}] {text}", end="", file=sys.stderr, flush=True)
+
+    def clear(self) -> None:
+        """Wipe the line, so a log message starts on a clean one."""
+        if self.enabled:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.enabled:
@@ -294,6 +299,7 @@ def train(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
                 "transform/inputs_and_outputs", tblog.transform_panel(fixed, shown, kind, p), step
             )
             line += f" (untransformed {err_raw:.2f}%), distance from identity {distance:.3f}"
+        bar.clear()
         log.info(line)
         model.train()
         state["last_val"] = [step, loss, err]
@@ -375,6 +381,7 @@ def train(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
             since_log, t_log = 0, time.perf_counter()
             if not math.isfinite(mean_loss):
                 state.update(status="diverged", reason=f"non-finite training loss by step {step}")
+                bar.clear()
                 log.warning("diverged: %s", state["reason"])
         if state["status"] == "ok" and (step % t_cfg.val_every == 0 or step == t_cfg.steps):
             t_val = time.perf_counter()
