@@ -21,7 +21,7 @@ TINY = [
     "train.val_every=50",
     "train.val_size=500",
     "train.log_every=25",
-    "optim.lr=0.05",
+    "optim.lr=0.02",
     "schedule=constant",
 ]
 
@@ -34,10 +34,12 @@ def config(*overrides):
 def runs(mnist_root, tmp_path_factory):
     """Short real trainings on plain and RTS, for CNN and ST-CNN (about a minute and a half)."""
     out = {}
-    for data, steps in (("plain", 100), ("rts", 150)):
+    # lr: at 0.05, 2 of 4 seeds of ST-CNN on plain collapse in 100 steps; at 0.02 RTS learns
+    # too slowly for 150 (measured); 0.05 on RTS is stable over seeds 0-2 (31-43% test error)
+    for data, steps, lr in (("plain", 100, 0.02), ("rts", 150, 0.05)):
         for model in ("cnn", "st_cnn"):
             path = tmp_path_factory.mktemp(f"{data}_{model}")
-            cfg = config(f"data={data}", f"model={model}", f"train.steps={steps}")
+            cfg = config(f"data={data}", f"model={model}", f"train.steps={steps}", f"optim.lr={lr}")
             out[data, model] = path, train(cfg, path)
     return out
 
@@ -123,7 +125,7 @@ def test_finished_run_is_not_trained_again(runs, caplog):
     path, m = runs["plain", "cnn"]
     before = (path / "metrics.json").stat().st_mtime_ns
     with caplog.at_level("INFO"):
-        again = train(config("data=plain", "model=cnn", "train.steps=100"), path)
+        again = train(config("data=plain", "model=cnn", "train.steps=100", "optim.lr=0.02"), path)
     assert again == m and (path / "metrics.json").stat().st_mtime_ns == before
     assert "is finished" in caplog.text
 
@@ -215,7 +217,7 @@ def test_another_configuration_in_the_same_folder_is_refused(runs):
         with pytest.raises(
             StnbenchError, match=r"holds a run of another configuration \(train.steps"
         ):
-            train(config("data=plain", "model=cnn", "train.steps=300"), path)
+            train(config("data=plain", "model=cnn", "train.steps=300", "optim.lr=0.02"), path)
     finally:
         (path / "metrics.moved").rename(path / "metrics.json")
 
