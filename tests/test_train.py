@@ -264,15 +264,15 @@ BAD = [
 ]
 
 
+def cli(bin_dir, cwd, *args):
+    """stnbench-train in a subprocess; the timeout fails a refused run that starts training."""
+    command = [str(bin_dir / "stnbench-train"), *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.parametrize(("overrides", "message"), BAD)
 def test_bad_input_is_one_line_exit_2_and_no_run(bin_dir, tmp_path, overrides, message):
-    r = subprocess.run(
-        [str(bin_dir / "stnbench-train"), *overrides],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = cli(bin_dir, tmp_path, *overrides)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stnbench-train: error:"), r.stderr
@@ -287,26 +287,14 @@ def test_data_root_that_is_a_file_and_cuda_without_gpu(bin_dir, tmp_path):
     if not torch.cuda.is_available():
         cases.append((["device=cuda"], "device=cuda but no CUDA GPU is available"))
     for overrides, message in cases:
-        r = subprocess.run(
-            [str(bin_dir / "stnbench-train"), *overrides],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        r = cli(bin_dir, tmp_path, *overrides)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "outputs").exists()
 
 
 def test_hydra_help_cfg_and_shell_completion(bin_dir, tmp_path):
     def run(*args):
-        return subprocess.run(
-            [str(bin_dir / "stnbench-train"), *args],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return cli(bin_dir, tmp_path, *args)
 
     r = run("--help")
     assert r.returncode == 0 and "data: e, p, plain, r, rts, seed40, tc" in r.stdout
