@@ -44,8 +44,9 @@ def minor_faults(setting: str) -> int:
 def test_keeping_freed_memory_stops_the_page_faults():
     default, kept = minor_faults("default"), minor_faults("keep")
     # glibc's default maps each large buffer fresh and faults its pages in again, every step
-    assert default > 10_000
-    assert kept * 20 < default  # kept: the heap's pages are reused
+    # (7.7k-13.7k a step measured here); kept, the heap's pages are reused (0-205 a step)
+    assert default > 2_000
+    assert kept * 10 < default
 
 
 def test_channels_last_gives_the_same_logits():
