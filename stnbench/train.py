@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 OPTIMS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "exponential", "cosine")
 SAME_RUN_EXCEPT = ("device", "data.root", "train.progress")  # settings that leave results alone
-CHANCE = 90.0  # percent error of a 10-class guess
 
 
 # --- validation ---------------------------------------------------------------------------------
