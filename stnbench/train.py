@@ -118,6 +118,42 @@ def _canvas(rec: Recipe | None) -> int:
     return 28 if rec is None else rec.canvas
 
 
+def settings(cfg: DictConfig) -> dict:
+    """What a run's metrics.json records about its configuration (the report groups by these)."""
+    is_st = "residual" in cfg.model  # ST models' options; fcn and cnn have no transformer
+    return {
+        "data": cfg.data.name,
+        "model": cfg.model.name,
+        "transform": cfg.transform.kind if is_st else None,
+        "residual": bool(cfg.model.residual or cfg.model.tanh) if is_st else None,
+        "tanh": bool(cfg.model.tanh) if is_st else None,
+        "optim": cfg.optim.name,
+        "lr": cfg.optim.lr,
+        "loc_lr_mult": cfg.optim.loc_lr_mult,
+        "schedule": cfg.schedule.name,
+        "planned_steps": cfg.train.steps,
+        "batch_size": cfg.train.batch_size,
+        "train_size": min(cfg.data.train_size or data.TRAIN_SIZE, data.TRAIN_SIZE),
+        "seed": cfg.seed,
+        "data_seed": cfg.data.seed,
+        "torch": torch.__version__,
+    }
+
+
+def record_failure(cfg: DictConfig, out: Path, error: BaseException) -> dict:
+    """Write metrics.json with status "failed" for a run that raised; rerunning retries it."""
+    metrics = {
+        "status": "failed",
+        "reason": f"{type(error).__name__}: {' '.join(str(error).split())}"[:500],
+        "test_error": None,
+        "val_error": None,
+        **settings(cfg),
+    }
+    with atomic_path(Path(out) / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
 # --- optimisation -------------------------------------------------------------------------------
 
 
@@ -227,8 +263,11 @@ def train(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
     metrics_path, ckpt_path = out / "metrics.json", out / "checkpoint.pt"
     conf = _container(cfg)
     if metrics_path.exists():
-        log.info("%s is finished (%s); not training it again", out, metrics_path.name)
-        return json.loads(metrics_path.read_text())
+        done = json.loads(metrics_path.read_text())
+        if done.get("status") != "failed":
+            log.info("%s is finished (%s); not training it again", out, metrics_path.name)
+            return done
+        log.info("%s failed before (%s); trying it again", out, done.get("reason"))
 
     dev = device.resolve(cfg.device)
     allocator.keep_freed_memory()
@@ -450,19 +489,8 @@ def train(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
             state["step"] * t_cfg.batch_size / max(state["seconds"] - state["eval_seconds"], 1e-9),
             1,
         ),
-        "data": cfg.data.name,
-        "model": cfg.model.name,
-        "transform": model.transformer.kind if is_st else None,
-        "optim": cfg.optim.name,
-        "lr": cfg.optim.lr,
-        "loc_lr_mult": cfg.optim.loc_lr_mult,
-        "schedule": cfg.schedule.name,
-        "batch_size": t_cfg.batch_size,
-        "train_size": n_train,
-        "seed": cfg.seed,
-        "data_seed": cfg.data.seed,
+        **settings(cfg),
         "device": str(dev),
-        "torch": torch.__version__,
     }
     hparam = {
         k: metrics[k]
@@ -479,6 +507,7 @@ def train(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
         )
     }
     hparam["transform"] = metrics["transform"] or "none"
+    hparam["residual"] = bool(metrics["residual"])
     scores = {
         k: metrics[k]
         for k in ("test_error", "val_error", "best_test_error")

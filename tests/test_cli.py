@@ -129,3 +129,6 @@ def test_wheel_ships_the_configs(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "stnbench/conf/stnbench_data.yaml" in names
     assert "stnbench/conf/data/plain.yaml" in names
+    assert "stnbench/conf/row/st_cnn_tps.yaml" in names
+    assert "stnbench/conf/experiment/paper_table1_cpu.yaml" in names
+    assert "stnbench/conf/hydra/launcher/slurm.yaml" in names

@@ -14,10 +14,11 @@ from stnbench.errors import StnbenchError, one_line
 CONFIG_MODULE = "stnbench.conf"
 
 
-def load_config(name: str, overrides: list[str]) -> DictConfig:
-    """Compose a primary config from the installed stnbench.conf with Hydra overrides."""
+def load_config(name: str, overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    """Compose a primary config from the installed stnbench.conf with Hydra overrides (and
+    Hydra's own node, ``hydra``, when ``with_hydra``)."""
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
+        return compose(config_name=name, overrides=overrides, return_hydra_config=with_hydra)
 
 
 def run(prog: str, fn: Callable[[], object]) -> int:
