@@ -1,0 +1,50 @@
+"""stnbench-report DIR [DIR ...] [--out OUT]: the error table of every run below some folders."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from stnbench.cli import run
+
+PROG = "stnbench-report"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Read every metrics.json below the folders (single runs and sweeps mixed) "
+        "and write the error table in the paper's layout: table.csv, table.md, table.tex "
+        "(booktabs) and runs.csv; where learning rates differ, also table_lr.csv, table_lr.md "
+        "and lr.png. Cells: mean +- std of the final test error over the runs that ended ok, "
+        "their number, the runs that collapsed, diverged, failed or are unfinished, the paper's "
+        "number and the difference.",
+    )
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders of runs")
+    parser.add_argument(
+        "--out", type=Path, help="where the files go (default: DIR/report, the first DIR)"
+    )
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    args = parse(sys.argv[1:])
+    out = args.out or Path(args.dirs[0]) / "report"
+
+    def body():
+        from stnbench import report
+
+        runs = report.collect(args.dirs)
+        for warning in report.warnings(runs):
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        written = report.write(runs, out)
+        counts = runs.status.value_counts()
+        summary = ", ".join(f"{counts[s]} {s}" for s in report.STATUSES if s in counts)
+        print(f"{len(runs)} runs ({summary})\n")
+        print((out / "table.md").read_text())
+        print("wrote " + ", ".join(str(p) for p in written))
+
+    return run(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

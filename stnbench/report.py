@@ -1,0 +1,421 @@
+"""Error tables from what runs wrote: every metrics.json below some folders, in the paper's layout.
+
+``collect(dirs)`` reads the runs into a pandas DataFrame (one row per run folder: finished runs
+from their metrics.json, unfinished ones from Hydra's .hydra/config.yaml); ``cells(runs)`` makes
+one row per (model row, distortion): mean and std of the final test error over the runs that
+ended ``ok``, their number, the other runs counted by status, the paper's number and our
+difference. Where a cell's runs differ in learning rate, the cell uses the learning rate with the
+lowest mean validation error (model selection on validation, never on test); ``by_lr`` keeps
+them all. ``write(runs, out)`` writes table.csv, table.md, table.tex, runs.csv and, when learning
+rates differ, table_lr.csv, table_lr.md and lr.png.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from stnbench.errors import StnbenchError
+from stnbench.files import atomic_path
+
+# The paper's rows, in its order: (model, transform) -> label. fcn and cnn have no transform.
+ROWS = {
+    ("fcn", None): "FCN",
+    ("cnn", None): "CNN",
+    ("st_fcn", "affine"): "ST-FCN Aff",
+    ("st_fcn", "projective"): "ST-FCN Proj",
+    ("st_fcn", "tps"): "ST-FCN TPS",
+    ("st_cnn", "affine"): "ST-CNN Aff",
+    ("st_cnn", "projective"): "ST-CNN Proj",
+    ("st_cnn", "tps"): "ST-CNN TPS",
+}
+MODEL_LABELS = {"fcn": "FCN", "cnn": "CNN", "st_fcn": "ST-FCN", "st_cnn": "ST-CNN"}
+TRANSFORM_LABELS = {"affine": "Aff", "projective": "Proj", "tps": "TPS", "attention": "Att"}
+COLUMNS = {"r": "R", "rts": "RTS", "p": "P", "e": "E", "tc": "TC"}  # the paper's, in its order
+
+# Reported test error (%): Table 1, and TC from the text (its ST models taken as affine).
+PAPER = {
+    "FCN": {"r": 2.1, "rts": 5.2, "p": 3.1, "e": 3.2, "tc": 13.2},
+    "CNN": {"r": 1.2, "rts": 0.8, "p": 1.5, "e": 1.4, "tc": 3.5},
+    "ST-FCN Aff": {"r": 1.2, "rts": 0.8, "p": 1.5, "e": 2.7, "tc": 2.0},
+    "ST-FCN Proj": {"r": 1.3, "rts": 0.9, "p": 1.4, "e": 2.6},
+    "ST-FCN TPS": {"r": 1.1, "rts": 0.8, "p": 1.4, "e": 2.4},
+    "ST-CNN Aff": {"r": 0.7, "rts": 0.5, "p": 0.8, "e": 1.2, "tc": 1.7},
+    "ST-CNN Proj": {"r": 0.8, "rts": 0.6, "p": 0.8, "e": 1.3},
+    "ST-CNN TPS": {"r": 0.7, "rts": 0.5, "p": 0.8, "e": 1.1},
+}
+LEGEND = (
+    "Test error (%) of the final model: mean ± std over the runs that ended ok (how many); in "
+    "brackets the runs that collapsed, diverged, failed or are unfinished; `@ lr`: the learning "
+    "rate chosen on validation. Paper: Jaderberg et al. 2015, Table 1 (TC: the text)."
+)
+REQUIRED = ("status", "data", "model", "lr", "seed")  # what every run's row needs
+STATUSES = ("ok", "collapsed", "diverged", "failed", "unfinished")
+# Settings that should agree within one cell; the report warns where they do not.
+BUDGET = ("optim", "schedule", "planned_steps", "batch_size", "train_size", "loc_lr_mult")
+
+
+def row_label(model: str, transform: str | None, residual=False, tanh=False) -> str:
+    """The table's row name: the paper's where it has one, variants marked after it."""
+    transform = transform if model.startswith("st_") else None
+    label = ROWS.get((model, transform))
+    if label is None:
+        label = MODEL_LABELS.get(model, model)
+        if transform:
+            label += " " + TRANSFORM_LABELS.get(transform, transform)
+    if tanh:
+        label += " (tanh)"
+    elif residual:
+        label += " (residual)"
+    return label
+
+
+def _unfinished(folder: Path) -> dict | None:
+    """A run Hydra started that wrote no metrics.json yet (running, killed or refused)."""
+    from stnbench.train import settings
+
+    try:
+        m = settings(OmegaConf.load(folder / ".hydra" / "config.yaml"))
+    except Exception:  # not a stnbench run folder (a Hydra app of another kind, a partial copy)
+        return None
+    del m["torch"]  # this process's, not the run's
+    reason = "no metrics.json (still running, killed, or refused: see its train.log)"
+    return {"status": "unfinished", "reason": reason, **m}
+
+
+def collect(dirs: list[str | Path]) -> pd.DataFrame:
+    """One row per run folder below ``dirs``: its metrics.json, or an unfinished Hydra run."""
+    records = {}
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise StnbenchError(f"{d}: no such folder (expected a folder of runs)")
+        for path in sorted(d.rglob("metrics.json")):
+            folder = path.parent.resolve()
+            try:
+                m = json.loads(path.read_text())
+                problem = None if isinstance(m, dict) else "not an object"
+            except ValueError as e:
+                m, problem = {}, f"{type(e).__name__}: {e}"
+            if problem is None and m.get("status") not in STATUSES:
+                problem = f"status {m.get('status')!r}"
+            missing = [k for k in REQUIRED if k not in m]
+            if problem or missing:
+                problem = problem or f"no {', '.join(missing)}"
+                raise StnbenchError(
+                    f"{path}: not a stnbench metrics.json ({problem}); expected the JSON a run "
+                    "writes"
+                )
+            records[folder] = {**m, "path": str(path.parent)}
+        for hydra_dir in sorted(d.rglob(".hydra")):
+            folder = hydra_dir.parent.resolve()
+            if folder not in records and (m := _unfinished(hydra_dir.parent)) is not None:
+                records[folder] = {**m, "path": str(hydra_dir.parent)}
+    if not records:
+        raise StnbenchError(
+            f"no runs below {', '.join(map(str, dirs))} (expected metrics.json files that "
+            "stnbench-train writes)"
+        )
+    runs = pd.DataFrame(list(records.values()))
+    for key in ("transform", "residual", "tanh", "test_error", "val_error"):
+        if key not in runs:
+            runs[key] = None
+    runs["row"] = [
+        row_label(m, t, r is True, h is True)
+        for m, t, r, h in zip(
+            runs.model, runs["transform"], runs["residual"], runs["tanh"], strict=True
+        )
+    ]
+    return runs.sort_values(["row", "data", "lr", "seed", "path"], ignore_index=True)
+
+
+def _order(runs: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Rows and columns present, the paper's first in its order, then the others by name."""
+    paper_rows = list(ROWS.values())
+    rows = sorted(set(runs.row), key=lambda r: (paper_rows.index(r) if r in paper_rows else 99, r))
+    known = list(COLUMNS)
+    cols = sorted(set(runs["data"]), key=lambda c: (known.index(c) if c in known else 99, c))
+    return rows, cols
+
+
+def _stats(group: pd.DataFrame) -> dict:
+    ok = group[group.status == "ok"]
+    errors = ok.test_error.astype(float)
+    out = {
+        "mean": errors.mean() if len(ok) else math.nan,
+        "std": errors.std() if len(ok) > 1 else math.nan,  # over seeds (n - 1)
+        "n": len(ok),
+    }
+    for status in STATUSES[1:]:
+        out[status] = int((group.status == status).sum())
+    return out
+
+
+def _selection_score(group: pd.DataFrame) -> float:
+    """Mean validation error over the finished runs of one lr; a diverged run counts as 100%."""
+    done = group[group.status.isin(["ok", "collapsed", "diverged"])]
+    if done.empty:
+        return math.inf
+    val = done.val_error.astype(float).where(done.status != "diverged", 100.0)
+    return float(val.fillna(100.0).mean())
+
+
+def by_lr(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (row, data, lr): the statistics of those runs."""
+    out = []
+    for (row, data, lr), g in runs.groupby(["row", "data", "lr"], sort=False):
+        out.append({"row": row, "data": data, "lr": lr, **_stats(g), "score": _selection_score(g)})
+    return pd.DataFrame(out)
+
+
+def cells(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model row, distortion) of the table, missing cells included."""
+    rows, cols = _order(runs)
+    per_lr = by_lr(runs)
+    out = []
+    for row in rows:
+        for data in cols:
+            options = per_lr[(per_lr.row == row) & (per_lr["data"] == data)]
+            cell = {"row": row, "data": data}
+            if options.empty:
+                cell.update(mean=math.nan, std=math.nan, n=0, lr=math.nan, lrs=0)
+                cell.update({s: 0 for s in STATUSES[1:]})
+            else:
+                best = options.sort_values(["score", "lr"]).iloc[0]
+                cell.update(best.drop(["row", "data", "score"]).to_dict())
+                cell["lrs"] = len(options)
+            paper = PAPER.get(row, {}).get(data, math.nan)
+            cell["paper"] = paper
+            cell["diff"] = cell["mean"] - paper
+            out.append(cell)
+    return pd.DataFrame(out)
+
+
+def warnings(runs: pd.DataFrame) -> list[str]:
+    """Cells whose runs differ in budget or optimiser (averaging them mixes experiments)."""
+    out = []
+    for (row, data), g in runs[runs.status != "unfinished"].groupby(["row", "data"]):
+        for key in BUDGET:
+            if key in g and g[key].nunique(dropna=True) > 1:
+                values = ", ".join(map(str, sorted(g[key].dropna().unique())))
+                out.append(f"{row} on {data}: runs differ in {key} ({values})")
+    return out
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+
+def _fmt(x: float, digits=2) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _flags(cell) -> str:
+    return ", ".join(f"{int(cell[s])} {s}" for s in STATUSES[1:] if cell[s])
+
+
+def _ours(cell, pm="±") -> str:
+    """Mean +- std (n), and the runs that did not end ok; 'missing' where there is no run."""
+    if cell.n == 0 and not any(cell[s] for s in STATUSES[1:]):
+        return "missing"
+    text = "no ok run" if cell.n == 0 else _fmt(cell["mean"])
+    if cell.n > 1:
+        text += f" {pm} {_fmt(cell['std'])}"
+    if cell.n:
+        text += f" ({int(cell.n)})"
+    if flags := _flags(cell):
+        text += f" [{flags}]"
+    return text
+
+
+def _lr_note(cell) -> str:
+    return f" @ lr {cell.lr:g}" if cell.lrs > 1 else ""
+
+
+def wide(table: pd.DataFrame) -> pd.DataFrame:
+    """The table in the paper's layout: a row per model, five columns per distortion."""
+    rows, cols = list(dict.fromkeys(table.row)), list(dict.fromkeys(table["data"]))
+    out = pd.DataFrame(index=pd.Index(rows, name="model"))
+    for data in cols:
+        part = table[table["data"] == data].set_index("row")
+        name = COLUMNS.get(data, data)
+        out[name] = part["mean"].round(3)
+        out[f"{name} std"] = part["std"].round(3)
+        out[f"{name} n"] = part["n"].astype(int)
+        out[f"{name} paper"] = part["paper"]
+        out[f"{name} diff"] = part["diff"].round(3)
+        out[f"{name} lr"] = part["lr"]
+        out[f"{name} not ok"] = [_flags(c) for _, c in part.iterrows()]
+    return out
+
+
+def _cell(table: pd.DataFrame, row: str, data: str):
+    return table[(table.row == row) & (table["data"] == data)].iloc[0]
+
+
+def _diff(cell, fmt="{:+.2f}") -> str:
+    return "" if math.isnan(cell["diff"]) else fmt.format(cell["diff"])
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The paper's layout as a Markdown table: per distortion, ours, the paper's, the difference."""
+    rows, cols = list(dict.fromkeys(table.row)), list(dict.fromkeys(table["data"]))
+    names = [COLUMNS.get(c, c) for c in cols]
+    head = ["model"] + [h for n in names for h in (n, f"{n} paper", f"{n} diff")]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] + ["--:"] * 3 * len(cols)) + "|",
+    ]
+    for row in rows:
+        out = [row]
+        for data in cols:
+            cell = _cell(table, row, data)
+            out += [_ours(cell) + _lr_note(cell), _fmt(cell.paper, 1), _diff(cell)]
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n\n" + LEGEND + "\n"
+
+
+def _tex(text: str) -> str:
+    for char in "_%&#":
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def latex(table: pd.DataFrame) -> str:
+    """A booktabs tabular: per distortion, ours (mean \\pm std (n)), the paper's, the difference."""
+    rows, cols = list(dict.fromkeys(table.row)), list(dict.fromkeys(table["data"]))
+    names = [_tex(COLUMNS.get(c, c)) for c in cols]
+    lines = [
+        "% stnbench-report: test error (%), mean $\\pm$ std over the seeds that ended ok (n);",
+        "% needs \\usepackage{booktabs}",
+        "\\begin{tabular}{l" + "rrr" * len(cols) + "}",
+        "\\toprule",
+        " & ".join(["Model"] + [f"\\multicolumn{{3}}{{c}}{{{n}}}" for n in names]) + " \\\\",
+        " ".join(f"\\cmidrule(lr){{{2 + 3 * i}-{4 + 3 * i}}}" for i in range(len(cols))),
+        " & ".join([""] + ["ours", "paper", "$\\Delta$"] * len(cols)) + " \\\\",
+        "\\midrule",
+    ]
+    for row in rows:
+        out = [_tex(row)]
+        for data in cols:
+            cell = _cell(table, row, data)
+            ours = _tex(_ours(cell, pm="$\\pm$") + _lr_note(cell))
+            out += [ours, _fmt(cell.paper, 1), _diff(cell, "${:+.2f}$")]
+        lines.append(" & ".join(out) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+# --- learning rates -----------------------------------------------------------------------------
+
+
+def lr_markdown(per_lr: pd.DataFrame, table: pd.DataFrame) -> str:
+    """One table per distortion: a row per model, a column per learning rate; * marks the lr the
+    main table uses (lowest mean validation error)."""
+    rows, cols = list(dict.fromkeys(table.row)), list(dict.fromkeys(table["data"]))
+    parts = []
+    for data in cols:
+        sub = per_lr[per_lr["data"] == data]
+        lrs = sorted(sub.lr.unique())
+        head = ["model"] + [f"lr {lr:g}" for lr in lrs]
+        lines = [
+            f"{COLUMNS.get(data, data)}: test error (%), mean ± std (n) of the runs that ended ok",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join(["---"] + ["--:"] * len(lrs)) + "|",
+        ]
+        for row in rows:
+            chosen = _cell(table, row, data).lr
+            out = [row]
+            for lr in lrs:
+                hit = sub[(sub.row == row) & (sub.lr == lr)]
+                text = "" if hit.empty else _ours(hit.iloc[0])
+                out.append(text + (" *" if lr == chosen and text else ""))
+            lines.append("| " + " | ".join(out) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def lr_plot(runs: pd.DataFrame, per_lr: pd.DataFrame, path: Path) -> None:
+    """Test error against learning rate, a line per model, a panel per distortion (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = _order(runs)
+    fig, axes = plt.subplots(
+        1, len(cols), figsize=(5 * len(cols), 4), squeeze=False, constrained_layout=True
+    )
+    for ax, data in zip(axes[0], cols, strict=True):
+        for i, row in enumerate(rows):
+            color = f"C{i % 10}"
+            line = per_lr[(per_lr["data"] == data) & (per_lr.row == row)].sort_values("lr")
+            if line.empty:
+                continue
+            ok = line[line.n > 0]
+            ax.errorbar(
+                ok.lr,
+                ok["mean"],
+                yerr=ok["std"].fillna(0),
+                color=color,
+                marker="o",
+                capsize=3,
+                label=row,
+            )
+            bad = runs[
+                (runs["data"] == data)
+                & (runs.row == row)
+                & runs.status.isin(["collapsed", "diverged"])
+            ]
+            y = bad.test_error.astype(float).fillna(100.0)  # a diverged run has no test error
+            ax.scatter(bad.lr, y, marker="x", color=color, zorder=3)
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="learning rate",
+            ylabel="test error (%)",
+            title=f"{COLUMNS.get(data, data)} (x: collapsed or diverged runs)",
+        )
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+# --- the files ----------------------------------------------------------------------------------
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _write_csv(path: Path, frame: pd.DataFrame, index: bool) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=index)
+
+
+def write(runs: pd.DataFrame, out: str | Path) -> list[Path]:
+    """Write the table (csv, md, tex), every run (runs.csv) and, where learning rates differ,
+    the per-lr table and plot; return the paths written."""
+    out = Path(out)
+    table = cells(runs)
+    files = {
+        "table.csv": lambda p: _write_csv(p, wide(table), index=True),
+        "table.md": lambda p: _write_text(p, markdown(table)),
+        "table.tex": lambda p: _write_text(p, latex(table)),
+        "runs.csv": lambda p: _write_csv(p, runs, index=False),
+    }
+    per_lr = by_lr(runs)
+    if runs.lr.nunique() > 1:
+        lr_csv = per_lr.rename(columns={"score": "val_score"})
+        files["table_lr.csv"] = lambda p: _write_csv(p, lr_csv, index=False)
+        files["table_lr.md"] = lambda p: _write_text(p, lr_markdown(per_lr, table))
+        files["lr.png"] = lambda p: lr_plot(runs, per_lr, p)
+    written = []
+    for name, write_one in files.items():
+        write_one(out / name)
+        written.append(out / name)
+    return written

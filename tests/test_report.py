@@ -1,0 +1,140 @@
+"""stnbench-report on hand-made run folders: every status shown, lr chosen on validation, the
+paper's numbers, warnings, bad input. (test_sweeps.py checks it against real runs.)"""
+
+import json
+import math
+import subprocess
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from stnbench import report
+from stnbench.cli import load_config
+from stnbench.errors import StnbenchError
+
+
+def run_folder(root, name, status="ok", test=None, val=None, **settings):
+    """A run folder as stnbench-train leaves it: metrics.json and Hydra's .hydra/."""
+    folder = root / name
+    (folder / ".hydra").mkdir(parents=True)
+    m = {
+        "status": status,
+        "test_error": test,
+        "val_error": val,
+        "data": "rts",
+        "model": "st_cnn",
+        "transform": "affine",
+        "residual": False,
+        "tanh": False,
+        "lr": 0.01,
+        "seed": 0,
+        "optim": "sgd",
+        "planned_steps": 100,
+        **settings,
+    }
+    if m["model"] in ("fcn", "cnn"):
+        m.update(transform=None, residual=None, tanh=None)
+    (folder / "metrics.json").write_text(json.dumps(m))
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path):
+    r = tmp_path / "runs"
+    run_folder(r, "a", test=1.0, val=1.5, seed=0)
+    run_folder(r, "b", test=2.0, val=2.5, seed=1)
+    run_folder(r, "c", "collapsed", test=88.0, val=88.5, seed=2)
+    run_folder(r, "d", "diverged", seed=3)
+    run_folder(r, "e", "failed", seed=4)
+    (r / "f" / ".hydra").mkdir(parents=True)  # started, never finished
+    cfg = load_config("stnbench_train", ["seed=5"])  # the config Hydra saves for a job
+    OmegaConf.save(cfg, r / "f" / ".hydra" / "config.yaml")
+    run_folder(r, "g", test=3.0, val=3.0, model="cnn")
+    run_folder(r, "h", test=4.0, val=4.0, model="cnn", data="r")
+    return r
+
+
+def test_cells_count_every_status_and_average_the_ok_runs(runs):
+    table = report.cells(report.collect([runs]))
+    cell = table[(table.row == "ST-CNN Aff") & (table["data"] == "rts")].iloc[0]
+    assert cell["mean"] == 1.5 and cell["std"] == pytest.approx(math.sqrt(0.5)) and cell.n == 2
+    assert (cell.collapsed, cell.diverged, cell.failed, cell.unfinished) == (1, 1, 1, 1)
+    assert cell.paper == 0.5 and cell["diff"] == pytest.approx(1.0)
+    text = report.markdown(table)
+    assert "1.50 ± 0.71 (2) [1 collapsed, 1 diverged, 1 failed, 1 unfinished]" in text
+    missing = table[(table.row == "ST-CNN Aff") & (table["data"] == "r")].iloc[0]
+    assert missing.n == 0 and "| ST-CNN Aff | missing | 0.7 |  |" in text
+    assert list(dict.fromkeys(table.row)) == ["CNN", "ST-CNN Aff"]  # the paper's order
+    assert list(dict.fromkeys(table["data"])) == ["r", "rts"]
+
+
+def test_csv_reads_back_in_the_papers_layout(runs, tmp_path):
+    report.write(report.collect([runs]), tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "table.csv", index_col=0)
+    assert list(table.index) == ["CNN", "ST-CNN Aff"]
+    assert table.loc["CNN", "R"] == 4.0 and table.loc["CNN", "R paper"] == 1.2
+    assert table.loc["ST-CNN Aff", "RTS n"] == 2
+    assert (
+        table.loc["ST-CNN Aff", "RTS not ok"] == "1 collapsed, 1 diverged, 1 failed, 1 unfinished"
+    )
+    assert math.isnan(table.loc["ST-CNN Aff", "R"])
+    runs_csv = pd.read_csv(tmp_path / "out" / "runs.csv")
+    assert len(runs_csv) == 8 and set(runs_csv.status) == set(report.STATUSES)
+    assert not (tmp_path / "out" / "lr.png").exists()  # one learning rate: no lr plot
+
+
+def test_the_lr_is_chosen_on_validation_and_a_diverged_lr_counts_as_100(tmp_path):
+    r = tmp_path / "runs"
+    run_folder(r, "low", test=5.0, val=6.0, lr=0.001)
+    run_folder(r, "mid", test=9.0, val=2.0, lr=0.01)  # worse on test, better on validation
+    run_folder(r, "high", "diverged", lr=0.1)
+    runs = report.collect([r])
+    cell = report.cells(runs).iloc[0]
+    assert cell.lr == 0.01 and cell["mean"] == 9.0 and cell.lrs == 3 and cell.diverged == 0
+    per_lr = report.by_lr(runs)
+    assert per_lr.set_index("lr").loc[0.1, "score"] == 100.0
+    written = {p.name for p in report.write(runs, tmp_path / "out")}
+    assert {"table_lr.md", "table_lr.csv", "lr.png"} <= written
+    lr_md = (tmp_path / "out" / "table_lr.md").read_text()
+    assert "| ST-CNN Aff | 5.00 (1) | 9.00 (1) * | no ok run [1 diverged] |" in lr_md
+
+
+def test_rows_for_variants_and_other_columns():
+    assert report.row_label("st_cnn", "tps") == "ST-CNN TPS"
+    assert report.row_label("cnn", None) == "CNN"
+    assert report.row_label("st_fcn", "attention") == "ST-FCN Att"
+    assert report.row_label("st_cnn", "affine", residual=True) == "ST-CNN Aff (residual)"
+    assert report.row_label("st_cnn", "affine", residual=True, tanh=True) == "ST-CNN Aff (tanh)"
+
+
+def test_mixed_budgets_are_warned_about(tmp_path):
+    r = tmp_path / "runs"
+    run_folder(r, "a", test=1.0, val=1.0, planned_steps=100)
+    run_folder(r, "b", test=1.0, val=1.0, planned_steps=200, seed=1)
+    (warning,) = report.warnings(report.collect([r]))
+    assert warning == "ST-CNN Aff on rts: runs differ in planned_steps (100, 200)"
+
+
+def run_cli(bin_dir, *args):
+    command = [str(bin_dir / "stnbench-report"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_bad_input_is_one_line_exit_2_and_no_table(bin_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    bad = run_folder(tmp_path / "bad", "x")
+    (bad / "metrics.json").write_text('{"status": "ok"')  # cut short
+    cases = [
+        ((str(tmp_path / "nowhere"),), "nowhere: no such folder (expected a folder of runs)"),
+        ((str(tmp_path / "empty"),), "no runs below"),
+        ((str(tmp_path / "bad"),), "metrics.json: not a stnbench metrics.json"),
+    ]
+    for args, message in cases:
+        r = run_cli(bin_dir, *args, "--out", str(tmp_path / "out"))
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith("stnbench-report: error: ") and message in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(StnbenchError, match="no such folder"):
+        report.collect([tmp_path / "nowhere"])

@@ -1,0 +1,210 @@
+"""Sweeps through the CLI (sequential and submitit's local executor), the experiment configs, and
+stnbench-report's tables checked against the runs' own metrics.json."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from stnbench import report
+from stnbench.cli import load_config
+from stnbench.cli import train as cli_train
+from stnbench.train import train
+
+TINY = [
+    "data=plain",
+    "data.train_size=2000",
+    "train.steps=60",
+    "train.batch_size=64",
+    "train.val_every=30",
+    "train.val_size=500",
+    "train.log_every=20",
+    "schedule=constant",
+]
+SWEEP = ["-m", "model=cnn,st_cnn", "optim.lr=0.01,0.02", *TINY]  # ST-CNN collapses at 0.03
+
+
+def cli(bin_dir, cwd, name, *args, timeout=300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [str(bin_dir / name), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def metrics_below(folder):
+    return {
+        p.parent.relative_to(folder).as_posix(): json.loads(p.read_text())
+        for p in folder.rglob("metrics.json")
+    }
+
+
+@pytest.fixture(scope="module")
+def sweep(mnist_root, bin_dir, tmp_path_factory):
+    """A real tiny sweep (2 models x 2 learning rates) through the CLI, then stnbench-report."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    r = cli(bin_dir, tmp, "stnbench-train", *SWEEP, "hydra.sweep.dir=runs")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "4 jobs: 4 ok" in r.stdout and "stnbench-report runs" in r.stdout
+    rep = cli(bin_dir, tmp, "stnbench-report", "runs", "--out", "tables")
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    return tmp, r, rep
+
+
+def test_sweep_jobs_get_readable_folders_of_their_own(sweep):
+    tmp, _, _ = sweep
+    runs = metrics_below(tmp / "runs")
+    rest = ",schedule=constant,train.batch_size=64,train.log_every=20,train.steps=60,"
+    rest += "train.val_every=30,train.val_size=500"
+    assert sorted(runs) == [
+        f"plain_{model}_affine/seed0/data.train_size=2000,optim.lr={lr}{rest}"
+        for model in ("cnn", "st_cnn")
+        for lr in ("0.01", "0.02")
+    ]
+    for folder, m in runs.items():
+        assert m["status"] == "ok" and m["test_error"] < 60, folder  # chance is 90%
+        assert f"optim.lr={m['lr']}," in folder and f"_{m['model']}_" in folder
+
+
+def test_report_numbers_are_the_runs_numbers(sweep):
+    tmp, _, rep = sweep
+    runs = metrics_below(tmp / "runs")
+    out = tmp / "tables"
+    assert {p.name for p in out.iterdir()} == {
+        "table.csv", "table.md", "table.tex", "runs.csv",
+        "table_lr.csv", "table_lr.md", "lr.png",
+    }  # fmt: skip
+    per_lr = pd.read_csv(out / "table_lr.csv")
+    table = pd.read_csv(out / "table.csv", index_col=0)
+    assert list(table.index) == ["CNN", "ST-CNN Aff"]
+    for row, model in (("CNN", "cnn"), ("ST-CNN Aff", "st_cnn")):
+        mine = {m["lr"]: m for m in runs.values() if m["model"] == model}
+        for lr, m in mine.items():
+            hit = per_lr[(per_lr.row == row) & (per_lr.lr == lr)]
+            assert len(hit) == 1 and hit.n.item() == 1
+            assert hit["mean"].item() == pytest.approx(m["test_error"])
+        chosen = min(mine.values(), key=lambda m: (m["val_error"], m["lr"]))  # on validation
+        assert table.loc[row, "plain"] == pytest.approx(chosen["test_error"])
+        assert table.loc[row, "plain lr"] == chosen["lr"]
+        assert table.loc[row, "plain n"] == 1 and math.isnan(table.loc[row, "plain paper"])
+        assert f"{chosen['test_error']:.2f} (1) @ lr {chosen['lr']:g}" in rep.stdout
+    assert len(pd.read_csv(out / "runs.csv")) == 4
+    with Image.open(out / "lr.png") as png:
+        assert png.format == "PNG" and png.width > 300
+
+
+def test_report_markdown_and_booktabs(sweep):
+    tmp, _, _ = sweep
+    text = (tmp / "tables" / "table.md").read_text()
+    assert "mean ± std over the runs that ended ok" in text  # the legend below the table
+    md = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(md) == 4
+    assert md[0].startswith("| model | plain | plain paper | plain diff |")
+    assert md[1] == "|---|--:|--:|--:|"
+    assert all(line.count("|") == md[0].count("|") for line in md)  # a well-formed table
+    tex = (tmp / "tables" / "table.tex").read_text()
+    for command in (r"\begin{tabular}{lrrr}", r"\toprule", r"\midrule", r"\bottomrule"):
+        assert tex.count(command) == 1, command
+    body = tex.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()
+    assert [line.split(" & ")[0] for line in body] == ["CNN", "ST-CNN Aff"]
+    assert all(line.count(" & ") == 3 and line.endswith(r"\\") for line in body)
+
+
+def test_submitit_local_executor_gives_the_same_layout(sweep, bin_dir):
+    tmp, _, _ = sweep
+    r = cli(bin_dir, tmp, "stnbench-train", *SWEEP, "hydra.sweep.dir=cluster",
+            "hydra/launcher=submitit_local")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    sequential, cluster = metrics_below(tmp / "runs"), metrics_below(tmp / "cluster")
+    assert sorted(cluster) == sorted(sequential)
+    for folder, m in cluster.items():
+        assert m["status"] == "ok", folder
+        assert m["test_error"] == pytest.approx(sequential[folder]["test_error"], abs=2.0)
+    assert list((tmp / "cluster" / ".submitit").iterdir())  # it went through submitit
+    rep = cli(bin_dir, tmp, "stnbench-report", "cluster")
+    assert rep.returncode == 0 and (tmp / "cluster" / "report" / "table.md").exists()
+
+
+def test_joblib_launcher_gives_the_same_layout(sweep, bin_dir):
+    tmp, _, _ = sweep
+    r = cli(bin_dir, tmp, "stnbench-train", *SWEEP, "hydra.sweep.dir=parallel",
+            "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    parallel = metrics_below(tmp / "parallel")
+    assert sorted(parallel) == sorted(metrics_below(tmp / "runs"))
+    assert all(m["status"] == "ok" for m in parallel.values())
+
+
+def test_a_crashing_job_is_recorded_and_the_sweep_goes_on(mnist_root, tmp_path, monkeypatch):
+    import stnbench.train
+
+    def fake_train(cfg, out, progress=False):
+        if cfg.optim.lr == 0.2:
+            raise RuntimeError("CUDA out of memory (a stand-in)")
+        return {"status": "diverged" if cfg.optim.lr == 0.3 else "ok", "test_error": None}
+
+    monkeypatch.setattr(stnbench.train, "train", fake_train)
+    monkeypatch.setattr(cli_train, "OUTCOMES", cli_train.collections.Counter())
+    argv = ["stnbench-train", "-m", "optim.lr=0.1,0.2,0.3", *TINY, f"hydra.sweep.dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert cli_train.main() == 1  # a failed job makes the exit status non-zero
+    assert cli_train.OUTCOMES == {"ok": 1, "failed": 1, "diverged": 1}
+    (folder, failed), *others = metrics_below(tmp_path).items()  # the fake writes nothing
+    assert not others and folder.startswith("plain_st_cnn_affine/seed0/") and "lr=0.2" in folder
+    assert failed["status"] == "failed" and "CUDA out of memory" in failed["reason"]
+    assert failed["lr"] == 0.2 and failed["model"] == "st_cnn" and failed["test_error"] is None
+
+
+def test_a_failed_run_is_retried(mnist_root, tmp_path):
+    cfg = load_config("stnbench_train", [*TINY, "model=fcn", "train.steps=30"])
+    from stnbench.train import record_failure
+
+    record_failure(cfg, tmp_path, MemoryError("out of memory"))
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+    m = train(cfg, tmp_path)
+    assert m["status"] == "ok" and json.loads((tmp_path / "metrics.json").read_text()) == m
+
+
+# --- experiment configs -------------------------------------------------------------------------
+
+
+def test_paper_table1_is_every_cell_once():
+    jobs = cli_train.jobs(["-m", "experiment=paper_table1"])
+    assert len(jobs) == 4 * 8 * 3
+    cells = set()
+    for overrides in jobs[::7]:  # composing all 96 takes a while; every 7th covers each key
+        cfg = load_config("stnbench_train", overrides)
+        assert cfg.train.steps == 150_000 and cfg.train.batch_size == 256
+        assert cfg.optim.lr == 0.01 and cfg.schedule.name == "step"
+        cells.add((cfg.data.name, cfg.model.name, cfg.transform.kind, cfg.seed))
+    assert len(cells) == len(jobs[::7])
+    rows = {o.split("=")[1] for j in jobs for o in j if o.startswith("row=")}
+    labels = set()
+    for row in rows:
+        cfg = load_config("stnbench_train", [f"row={row}"])
+        is_st = cfg.model.name.startswith("st_")
+        labels.add(report.row_label(cfg.model.name, cfg.transform.kind if is_st else None))
+    assert labels == set(report.ROWS.values())
+
+
+def test_experiment_sweeps_need_m_and_take_command_line_values():
+    from stnbench.errors import StnbenchError
+
+    with pytest.raises(StnbenchError, match="sweep over data, row, seed .* add -m"):
+        cli_train.jobs(["experiment=paper_table1"])
+    assert len(cli_train.jobs(["-m", "experiment=paper_table1", "data=rts"])) == 24
+    assert len(cli_train.jobs(["-m", "experiment=paper_tc"])) == 4 * 3
+    sweep = cli_train.jobs(["-m", "experiment=lr_sweep"])
+    assert len(sweep) == 3 * 4
+    cfg = load_config("stnbench_train", sweep[-1])
+    assert cfg.data.name == "seed40" and cfg.optim.name == "adam" and cfg.model.residual
+    assert cfg.optim.lr == 1e-3
