@@ -256,107 +256,201 @@ class Progress:
             print(file=sys.stderr)
 
 
-def train(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
-    """Train the configured model; return (and write to out/metrics.json) its metrics."""
-    validate(cfg)
-    out = Path(out)
-    metrics_path, ckpt_path = out / "metrics.json", out / "checkpoint.pt"
-    conf = _container(cfg)
-    if metrics_path.exists():
-        done = json.loads(metrics_path.read_text())
-        if done.get("status") != "failed":
-            log.info("%s is finished (%s); not training it again", out, metrics_path.name)
-            return done
+def finished(out: Path) -> dict | None:
+    """The metrics of a finished run in ``out``, or None (no run, or one that failed: retried)."""
+    path = Path(out) / "metrics.json"
+    if not path.exists():
+        return None
+    done = json.loads(path.read_text())
+    if done.get("status") == "failed":
         log.info("%s failed before (%s); trying it again", out, done.get("reason"))
+        return None
+    log.info("%s is finished (%s); not training it again", out, path.name)
+    return done
 
-    dev = device.resolve(cfg.device)
-    allocator.keep_freed_memory()
-    rec = recipe_of(cfg)
-    t_cfg = cfg.train
-    n_train = cfg.data.train_size or data.TRAIN_SIZE
 
-    # data, on the device
-    def split(name: str, limit: int | None):
-        x, y = data.load(cfg.data.name, name, cfg.data.root, cfg.data.seed, dev, rec)
-        return x[:limit].to(dev), y[:limit].to(dev)
+class Data:
+    """A run's splits on the device, shared by the runs of a vectorised group (which differ only
+    in seed and optimiser settings): train (redrawn each epoch when data.fresh), val and test."""
 
-    x_train, y_train = split("train", n_train)
-    x_val, y_val = split("val", t_cfg.val_size)
-    x_test, y_test = split("test", None)
-    n_train = len(x_train)
+    def __init__(self, cfg: DictConfig, dev: torch.device):
+        self.cfg, self.dev, self.rec = cfg, dev, recipe_of(cfg)
 
+        def split(name: str, limit: int | None):
+            x, y = data.load(cfg.data.name, name, cfg.data.root, cfg.data.seed, dev, self.rec)
+            return x[:limit].to(dev), y[:limit].to(dev)
+
+        self.x_train, self.y_train = split("train", cfg.data.train_size or data.TRAIN_SIZE)
+        self.x_val, self.y_val = split("val", cfg.train.val_size)
+        self.x_test, self.y_test = split("test", None)
+        self.n_train = len(self.x_train)
+        self.canvas = _canvas(self.rec)
+        self._epoch = None
+
+    def train_x(self, epoch: int) -> Tensor:
+        """The training images of an epoch: a fresh draw of the distortions when data.fresh."""
+        c = self.cfg.data
+        if c.fresh and epoch != self._epoch:
+            x, _ = data.fresh(c.name, "train", epoch, c.root, c.seed, self.dev, self.rec)
+            self.x_train, self._epoch = x[: self.n_train].to(self.dev), epoch
+        return self.x_train
+
+
+def build_model(cfg: DictConfig, d: Data) -> nn.Module:
+    """The run's model, initialised from its seed, as the loop runs it."""
     torch.manual_seed(cfg.seed)
-    model = models.from_config(_container(cfg.model), _container(cfg.transform), _canvas(rec))
-    model = prepare(model, dev)
-    is_st = isinstance(model, models.STModel)
-    opt = make_optimizer(model, cfg.optim)
-    n_params = models.count(model)
+    model = models.from_config(_container(cfg.model), _container(cfg.transform), d.canvas)
+    return prepare(model, d.dev)
 
-    state = {
-        "step": 0,
-        "status": "ok",
-        "reason": "",
-        "best_val_error": math.inf,
-        "best_step": 0,
-        "best_model": None,
-        "streak": 0,
-        "collapsed_at": None,
-        "seconds": 0.0,
-        "eval_seconds": 0.0,
-        "last_val": None,  # [step, loss, error] of the latest validation
-    }
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=True)
-        if diff := _config_difference(ckpt["config"], conf):
-            raise StnbenchError(
-                f"{out} holds a run of another configuration ({diff}); choose another output dir"
+
+class Run:
+    """One run's bookkeeping around a training loop that steps its model: the batch and learning
+    rate of each step, logging, validation, collapse and divergence, checkpoints (and resume from
+    one), and the metrics at the end. ``train`` drives one Run; a vectorised group drives several,
+    each over its own model and optimizer, whose tensors the group keeps in sync."""
+
+    def __init__(self, cfg: DictConfig, out: Path, progress: bool, d: Data, model, opt):
+        self.cfg, self.out, self.d, self.model, self.opt = cfg, Path(out), d, model, opt
+        self.t_cfg = t_cfg = cfg.train
+        self.metrics_path, self.ckpt_path = self.out / "metrics.json", self.out / "checkpoint.pt"
+        self.conf = _container(cfg)
+        self.is_st = isinstance(model, models.STModel)
+        self.n_params = models.count(model)
+        self.state = {
+            "step": 0,
+            "status": "ok",
+            "reason": "",
+            "best_val_error": math.inf,
+            "best_step": 0,
+            "best_model": None,
+            "streak": 0,
+            "collapsed_at": None,
+            "seconds": 0.0,
+            "eval_seconds": 0.0,
+            "last_val": None,  # [step, loss, error] of the latest validation
+        }
+        if self.ckpt_path.exists():
+            ckpt = torch.load(self.ckpt_path, map_location=d.dev, weights_only=True)
+            if diff := _config_difference(ckpt["config"], self.conf):
+                raise StnbenchError(
+                    f"{out} holds a run of another configuration ({diff}); choose another "
+                    "output dir"
+                )
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            self.state = ckpt["state"]
+            log.info("resuming %s from step %d", out, self.state["step"])
+        self.writer = SummaryWriter(str(self.out), purge_step=self.state["step"] or None)
+        if self.state["step"] == 0:
+            self.writer.add_text(
+                "model/params", f"{self.n_params:,} learnable parameters\n\n    {model}"
             )
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        state = ckpt["state"]
-        log.info("resuming %s from step %d", out, state["step"])
+        self.bar = Progress(progress, t_cfg.steps)
+        self.fixed = d.x_val[:8]  # the validation batch shown as images
+        self.per_epoch = d.n_train // t_cfg.batch_size
+        self.epoch, self.order = -1, None
+        self.loss_sum = torch.zeros((), device=d.dev)
+        self.wrong_sum = torch.zeros((), device=d.dev, dtype=torch.long)
+        self.since_log = 0
+        self.t_mark = self.t_log = time.perf_counter()
 
-    writer = SummaryWriter(str(out), purge_step=state["step"] or None)
-    if state["step"] == 0:
-        writer.add_text("model/params", f"{n_params:,} learnable parameters\n\n    {model}")
-    bar = Progress(progress, t_cfg.steps)
-    fixed = x_val[:8]  # the validation batch shown as images
+    @property
+    def training(self) -> bool:
+        return self.state["step"] < self.t_cfg.steps and self.state["status"] == "ok"
 
-    def checkpoint():
-        with atomic_path(ckpt_path) as tmp:
+    def batch(self) -> tuple[Tensor, Tensor]:
+        """The step's batch: a pure function of (seed, epoch, position), so resume is exact."""
+        step, b = self.state["step"], self.t_cfg.batch_size
+        if step // self.per_epoch != self.epoch:  # a new epoch: its order (and its draw)
+            self.epoch = step // self.per_epoch
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
+            self.order = torch.randperm(self.d.n_train, generator=g).to(self.d.dev)
+        j = step % self.per_epoch
+        idx = self.order[j * b : (j + 1) * b]
+        return self.d.train_x(self.epoch)[idx], self.d.y_train[idx]  # (B, 1, S, S), (B,)
+
+    def lr_factor(self) -> float:
+        return lr_factor(self.cfg.schedule, self.state["step"], self.t_cfg.steps)
+
+    def clock(self) -> None:  # wall time of the loop so far into the state (it is checkpointed)
+        now = time.perf_counter()
+        self.state["seconds"] += now - self.t_mark
+        self.t_mark = now
+
+    def stepped(self, loss: Tensor, wrong: Tensor, factor: float) -> None:
+        """After the step's update: count it, log, validate and checkpoint when due."""
+        state, t_cfg = self.state, self.t_cfg
+        self.loss_sum += loss
+        self.wrong_sum += wrong
+        self.since_log += 1
+        state["step"] = step = state["step"] + 1
+
+        if step % t_cfg.log_every == 0 or step == t_cfg.steps:
+            mean_loss = self.loss_sum.item() / self.since_log  # the one host sync per log_every
+            error = 100.0 * self.wrong_sum.item() / (self.since_log * t_cfg.batch_size)
+            lr = self.cfg.optim.lr * factor
+            self.writer.add_scalar("train/loss", mean_loss, step)
+            self.writer.add_scalar("train/error", error, step)
+            self.writer.add_scalar("lr", lr, step)
+            rate = self.since_log * t_cfg.batch_size / (time.perf_counter() - self.t_log)
+            text = f"loss {mean_loss:.4f} error {error:.1f}% lr {lr:.2e} {rate:.0f} img/s"
+            self.bar.show(step, text)
+            self.loss_sum.zero_()
+            self.wrong_sum.zero_()
+            self.since_log, self.t_log = 0, time.perf_counter()
+            if not math.isfinite(mean_loss):
+                state.update(status="diverged", reason=f"non-finite training loss by step {step}")
+                self.bar.clear()
+                log.warning("%s diverged: %s", self.out, state["reason"])
+        if state["status"] == "ok" and (step % t_cfg.val_every == 0 or step == t_cfg.steps):
+            t_val = time.perf_counter()
+            self.validation(step)
+            if state["collapsed_at"] is not None and t_cfg.collapse.stop:
+                state.update(
+                    status="collapsed",
+                    reason=f"validation error >= {t_cfg.collapse.error:g}% for "
+                    f"{t_cfg.collapse.patience} validations by step {step}",
+                )
+            state["eval_seconds"] += time.perf_counter() - t_val
+            self.t_log += time.perf_counter() - t_val  # validation is not training throughput
+            self.clock()
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        with atomic_path(self.ckpt_path) as tmp:
             torch.save(
                 {
-                    "config": conf,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "state": state,
+                    "config": self.conf,
+                    "model": self.model.state_dict(),
+                    "optimizer": self.opt.state_dict(),
+                    "state": self.state,
                 },
                 tmp,
             )
 
-    def validation(step: int) -> None:
+    def validation(self, step: int) -> None:
+        model, d, t_cfg, state, writer = self.model, self.d, self.t_cfg, self.state, self.writer
         model.eval()
-        loss, err = evaluate(model, x_val, y_val, t_cfg.eval_batch_size)
+        loss, err = evaluate(model, d.x_val, d.y_val, t_cfg.eval_batch_size)
         writer.add_scalar("val/loss", loss, step)
         writer.add_scalar("val/error", err, step)
         line = f"step {step}: val loss {loss:.4f}, error {err:.2f}%"
-        if is_st:
-            _, err_raw = evaluate(model.untransformed, x_val, y_val, t_cfg.eval_batch_size)
+        if self.is_st:
+            _, err_raw = evaluate(model.untransformed, d.x_val, d.y_val, t_cfg.eval_batch_size)
             writer.add_scalar("val/error_untransformed", err_raw, step)
             kind = model.transformer.kind
-            params = predicted_params(model, x_val, t_cfg.eval_batch_size)  # (N, P)
+            params = predicted_params(model, d.x_val, t_cfg.eval_batch_size)  # (N, P)
             distance = (params - model.transformer.identity).norm(dim=1).mean().item()
             writer.add_scalar("transform/identity_distance", distance, step)
             for i, name in enumerate(geometry.param_names(kind)):
                 writer.add_histogram(f"theta/{name}", params[:, i], step)
             with torch.no_grad():
-                shown, p = model.transform(fixed)
-            writer.add_image(
-                "transform/inputs_and_outputs", tblog.transform_panel(fixed, shown, kind, p), step
-            )
+                shown, p = model.transform(self.fixed)
+            panel = tblog.transform_panel(self.fixed, shown, kind, p)
+            writer.add_image("transform/inputs_and_outputs", panel, step)
             line += f" (untransformed {err_raw:.2f}%), distance from identity {distance:.3f}"
-        bar.clear()
-        log.info(line)
+        self.bar.clear()
+        log.info("%s", line)
         model.train()
         state["last_val"] = [step, loss, err]
         if not math.isfinite(loss):
@@ -378,150 +472,103 @@ def train(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
                 state["streak"],
             )
 
-    # the loop
-    per_epoch = n_train // t_cfg.batch_size
-    epoch, order = -1, None
-    loss_sum = torch.zeros((), device=dev)
-    wrong_sum = torch.zeros((), device=dev, dtype=torch.long)
-    since_log = 0
-    t_mark = t_log = time.perf_counter()
-
-    def clock() -> None:  # wall time of the loop so far into the state (it is checkpointed)
-        nonlocal t_mark
-        now = time.perf_counter()
-        state["seconds"] += now - t_mark
-        t_mark = now
-
-    model.train()
-    while state["step"] < t_cfg.steps and state["status"] == "ok":
-        step = state["step"]
-        if step // per_epoch != epoch:  # a new epoch: its order (and its draw, if fresh)
-            epoch = step // per_epoch
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            order = torch.randperm(n_train, generator=g).to(dev)
-            if cfg.data.fresh:
-                fresh_x, _ = data.fresh(
-                    cfg.data.name, "train", epoch, cfg.data.root, cfg.data.seed, dev, rec
+    def finish(self, **extra) -> dict:
+        """The final and best-validation models on the test set; metrics.json, written last."""
+        self.clock()
+        self.bar.close()
+        model, d, t_cfg, state, cfg = self.model, self.d, self.t_cfg, self.state, self.cfg
+        if state["status"] == "ok" and state["streak"] >= t_cfg.collapse.patience:  # stayed
+            reason = f"near chance since step {state['collapsed_at']}"
+            state.update(status="collapsed", reason=reason)
+        model.eval()
+        final, batch = {}, t_cfg.eval_batch_size
+        if state["status"] != "diverged":
+            if state["last_val"] and state["last_val"][0] == state["step"]:  # validated at the end
+                final["val_loss"], final["val_error"] = state["last_val"][1:]
+            else:
+                final["val_loss"], final["val_error"] = evaluate(model, d.x_val, d.y_val, batch)
+            final["test_loss"], final["test_error"] = evaluate(model, d.x_test, d.y_test, batch)
+            if self.is_st:
+                _, final["test_error_untransformed"] = evaluate(
+                    model.untransformed, d.x_test, d.y_test, batch
                 )
-                x_train = fresh_x[:n_train].to(dev)
-        j = step % per_epoch
-        idx = order[j * t_cfg.batch_size : (j + 1) * t_cfg.batch_size]
-        x, y = x_train[idx], y_train[idx]  # (B, 1, S, S), (B,)
-        factor = lr_factor(cfg.schedule, step, t_cfg.steps)
+        best_test = None
+        if state["best_model"] is not None and state["best_step"] == state["step"] and final:
+            best_test = final["test_error"]  # the final model is the best one
+        elif state["best_model"] is not None:
+            model.load_state_dict(state["best_model"])
+            _, best_test = evaluate(model, d.x_test, d.y_test, batch)
+        train_seconds = max(state["seconds"] - state["eval_seconds"], 1e-9)
+        metrics = {
+            "status": state["status"],
+            "reason": state["reason"],
+            "test_error": final.get("test_error"),
+            "val_error": final.get("val_error"),
+            "best_test_error": best_test,
+            "best_val_error": None if best_test is None else state["best_val_error"],
+            "best_step": state["best_step"] if best_test is not None else None,
+            "test_error_untransformed": final.get("test_error_untransformed"),
+            "collapsed_at": state["collapsed_at"],
+            "params": self.n_params,
+            "steps": state["step"],
+            "seconds": round(state["seconds"], 2),
+            "images_per_second": round(state["step"] * t_cfg.batch_size / train_seconds, 1),
+            **settings(cfg),
+            "device": str(d.dev),
+            **extra,
+        }
+        hparam = {
+            k: metrics[k]
+            for k in (
+                "data",
+                "model",
+                "optim",
+                "lr",
+                "loc_lr_mult",
+                "schedule",
+                "batch_size",
+                "train_size",
+                "seed",
+            )
+        }
+        hparam["transform"] = metrics["transform"] or "none"
+        hparam["residual"] = bool(metrics["residual"])
+        scores = {
+            k: metrics[k]
+            for k in ("test_error", "val_error", "best_test_error")
+            if metrics[k] is not None
+        }
+        tblog.write_hparams(self.writer, hparam, scores)
+        self.writer.close()
+        with atomic_path(self.metrics_path) as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        log.info(
+            "%s: %s; test error %s%% (best-validation model %s%%)",
+            self.out,
+            metrics["status"],
+            metrics["test_error"],
+            metrics["best_test_error"],
+        )
+        return metrics
+
+
+def train(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
+    """Train the configured model; return (and write to out/metrics.json) its metrics."""
+    validate(cfg)
+    if (done := finished(out)) is not None:
+        return done
+    dev = device.resolve(cfg.device)
+    allocator.keep_freed_memory()
+    d = Data(cfg, dev)
+    model = build_model(cfg, d)
+    opt = make_optimizer(model, cfg.optim)
+    run = Run(cfg, out, progress, d, model, opt)
+    model.train()
+    while run.training:
+        x, y = run.batch()
+        factor = run.lr_factor()
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * factor
         loss, wrong = train_step(model, opt, x, y)
-        loss_sum += loss
-        wrong_sum += wrong
-        since_log += 1
-        state["step"] = step = step + 1
-
-        if step % t_cfg.log_every == 0 or step == t_cfg.steps:
-            mean_loss = loss_sum.item() / since_log  # the one host sync per log_every steps
-            error = 100.0 * wrong_sum.item() / (since_log * t_cfg.batch_size)
-            writer.add_scalar("train/loss", mean_loss, step)
-            writer.add_scalar("train/error", error, step)
-            writer.add_scalar("lr", cfg.optim.lr * factor, step)
-            rate = since_log * t_cfg.batch_size / (time.perf_counter() - t_log)
-            bar.show(
-                step,
-                f"loss {mean_loss:.4f} error {error:.1f}% lr {cfg.optim.lr * factor:.2e} "
-                f"{rate:.0f} img/s",
-            )
-            loss_sum.zero_()
-            wrong_sum.zero_()
-            since_log, t_log = 0, time.perf_counter()
-            if not math.isfinite(mean_loss):
-                state.update(status="diverged", reason=f"non-finite training loss by step {step}")
-                bar.clear()
-                log.warning("diverged: %s", state["reason"])
-        if state["status"] == "ok" and (step % t_cfg.val_every == 0 or step == t_cfg.steps):
-            t_val = time.perf_counter()
-            validation(step)
-            if state["collapsed_at"] is not None and t_cfg.collapse.stop:
-                state.update(
-                    status="collapsed",
-                    reason=f"validation error >= {t_cfg.collapse.error:g}% for "
-                    f"{t_cfg.collapse.patience} validations by step {step}",
-                )
-            state["eval_seconds"] += time.perf_counter() - t_val
-            t_log += time.perf_counter() - t_val  # validation time is not training throughput
-            clock()
-            checkpoint()
-    clock()
-    bar.close()
-
-    # the end: final and best-validation models on the test set
-    if state["status"] == "ok" and state["streak"] >= t_cfg.collapse.patience:  # never recovered
-        state.update(status="collapsed", reason=f"near chance since step {state['collapsed_at']}")
-    model.eval()
-    final, batch = {}, t_cfg.eval_batch_size
-    if state["status"] != "diverged":
-        if state["last_val"] and state["last_val"][0] == state["step"]:  # validated at the end
-            final["val_loss"], final["val_error"] = state["last_val"][1:]
-        else:
-            final["val_loss"], final["val_error"] = evaluate(model, x_val, y_val, batch)
-        final["test_loss"], final["test_error"] = evaluate(model, x_test, y_test, batch)
-        if is_st:
-            _, final["test_error_untransformed"] = evaluate(
-                model.untransformed, x_test, y_test, batch
-            )
-    best_test = None
-    if state["best_model"] is not None and state["best_step"] == state["step"] and final:
-        best_test = final["test_error"]  # the final model is the best one
-    elif state["best_model"] is not None:
-        model.load_state_dict(state["best_model"])
-        _, best_test = evaluate(model, x_test, y_test, batch)
-    metrics = {
-        "status": state["status"],
-        "reason": state["reason"],
-        "test_error": final.get("test_error"),
-        "val_error": final.get("val_error"),
-        "best_test_error": best_test,
-        "best_val_error": None if best_test is None else state["best_val_error"],
-        "best_step": state["best_step"] if best_test is not None else None,
-        "test_error_untransformed": final.get("test_error_untransformed"),
-        "collapsed_at": state["collapsed_at"],
-        "params": n_params,
-        "steps": state["step"],
-        "seconds": round(state["seconds"], 2),
-        "images_per_second": round(
-            state["step"] * t_cfg.batch_size / max(state["seconds"] - state["eval_seconds"], 1e-9),
-            1,
-        ),
-        **settings(cfg),
-        "device": str(dev),
-    }
-    hparam = {
-        k: metrics[k]
-        for k in (
-            "data",
-            "model",
-            "optim",
-            "lr",
-            "loc_lr_mult",
-            "schedule",
-            "batch_size",
-            "train_size",
-            "seed",
-        )
-    }
-    hparam["transform"] = metrics["transform"] or "none"
-    hparam["residual"] = bool(metrics["residual"])
-    scores = {
-        k: metrics[k]
-        for k in ("test_error", "val_error", "best_test_error")
-        if metrics[k] is not None
-    }
-    tblog.write_hparams(writer, hparam, scores)
-    writer.close()
-    with atomic_path(metrics_path) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    log.info(
-        "%s: %s; test error %s%% (best-validation model %s%%)",
-        out,
-        metrics["status"],
-        metrics["test_error"],
-        metrics["best_test_error"],
-    )
-    return metrics
+        run.stepped(loss, wrong, factor)
+    return run.finish()
