@@ -309,8 +309,9 @@ class Run:
     one), and the metrics at the end. ``train`` drives one Run; a vectorised group drives several,
     each over its own model and optimizer, whose tensors the group keeps in sync."""
 
-    def __init__(self, cfg: DictConfig, out: Path, progress: bool, d: Data, model, opt):
+    def __init__(self, cfg: DictConfig, out: Path, progress: bool, d: Data, model, opt, tag=""):
         self.cfg, self.out, self.d, self.model, self.opt = cfg, Path(out), d, model, opt
+        self.tag = tag  # before each log line (which run of a group it is)
         self.t_cfg = t_cfg = cfg.train
         self.metrics_path, self.ckpt_path = self.out / "metrics.json", self.out / "checkpoint.pt"
         self.conf = _container(cfg)
@@ -371,6 +372,11 @@ class Run:
 
     def lr_factor(self) -> float:
         return lr_factor(self.cfg.schedule, self.state["step"], self.t_cfg.steps)
+
+    def validates_after_step(self) -> bool:
+        """Whether the coming step ends in a validation (and a checkpoint)."""
+        step = self.state["step"] + 1
+        return step % self.t_cfg.val_every == 0 or step == self.t_cfg.steps
 
     def clock(self) -> None:  # wall time of the loop so far into the state (it is checkpointed)
         now = time.perf_counter()
@@ -450,7 +456,7 @@ class Run:
             writer.add_image("transform/inputs_and_outputs", panel, step)
             line += f" (untransformed {err_raw:.2f}%), distance from identity {distance:.3f}"
         self.bar.clear()
-        log.info("%s", line)
+        log.info("%s%s", self.tag, line)
         model.train()
         state["last_val"] = [step, loss, err]
         if not math.isfinite(loss):
@@ -466,7 +472,8 @@ class Run:
         if state["streak"] >= t_cfg.collapse.patience and state["collapsed_at"] is None:
             state["collapsed_at"] = step
             log.warning(
-                "collapse at step %d: validation error >= %g%% for %d validations",
+                "%scollapse at step %d: validation error >= %g%% for %d validations",
+                self.tag,
                 step,
                 t_cfg.collapse.error,
                 state["streak"],

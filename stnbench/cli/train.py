@@ -18,8 +18,10 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from hydra_plugins.stnbench_launcher.vectorized_launcher import VectorizedLauncher
 from omegaconf import DictConfig
 
 from stnbench.cli import load_config, run
@@ -134,6 +136,8 @@ class TensorBoardHint(Callback):
 
 
 def main() -> int:
+    # hydra/launcher=vectorized: Hydra's plugin scan misses it in an editable install
+    Plugins.instance().register(VectorizedLauncher)
     argv = sys.argv[1:]
     if not PASS_THROUGH.intersection(argv):
         code = run(PROG, lambda: precheck(argv))
