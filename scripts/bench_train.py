@@ -77,6 +77,13 @@ def timed_steps(step, seconds, dev) -> float:
     return n / (time.perf_counter() - t)
 
 
+def flops_per_image(net, x, y) -> float:
+    """Forward + backward FLOPs per image (convolutions and matmuls; torch's flop counter)."""
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(net(x), y).backward()
+    return counter.get_total_flops() / len(x)
+
+
 def fresh(model_name, kind, canvas, dev, ours: bool):
     torch.manual_seed(0)
     net = models.build(model_name, kind, canvas)
@@ -103,9 +110,7 @@ def row(model_name, kind, canvas, dev, seconds) -> dict:
         train_step(net, opt, xd[idx], yd[idx])
 
     train_ips = timed_steps(ours, seconds, dev) * BATCH
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(net(xd[:BATCH]), yd[:BATCH]).backward()
-    flops = counter.get_total_flops() / BATCH
+    flops = flops_per_image(net, xd[:BATCH], yd[:BATCH])
     net.eval()
     sync(dev)
     t = time.perf_counter()
