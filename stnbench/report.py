@@ -169,10 +169,10 @@ def by_lr(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def cells(runs: pd.DataFrame) -> pd.DataFrame:
+def cells(runs: pd.DataFrame, per_lr: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (model row, distortion) of the table, missing cells included."""
     rows, cols = _order(runs)
-    per_lr = by_lr(runs)
+    per_lr = by_lr(runs) if per_lr is None else per_lr
     out = []
     for row in rows:
         for data in cols:
@@ -401,14 +401,14 @@ def write(runs: pd.DataFrame, out: str | Path) -> list[Path]:
     """Write the table (csv, md, tex), every run (runs.csv) and, where learning rates differ,
     the per-lr table and plot; return the paths written."""
     out = Path(out)
-    table = cells(runs)
+    per_lr = by_lr(runs)
+    table = cells(runs, per_lr)
     files = {
         "table.csv": lambda p: _write_csv(p, wide(table), index=True),
         "table.md": lambda p: _write_text(p, markdown(table)),
         "table.tex": lambda p: _write_text(p, latex(table)),
         "runs.csv": lambda p: _write_csv(p, runs, index=False),
     }
-    per_lr = by_lr(runs)
     if runs.lr.nunique() > 1:
         lr_csv = per_lr.rename(columns={"score": "val_score"})
         files["table_lr.csv"] = lambda p: _write_csv(p, lr_csv, index=False)
