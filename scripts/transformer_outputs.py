@@ -1,0 +1,111 @@
+"""What the spatial transformers of a sweep learned to do on an affine distortion (default RTS).
+
+1. A PNG: for each spatial-transformer row, the last ``transform/inputs_and_outputs`` image that
+   its run of seed --seed logged to TensorBoard, read back with TensorBoard's own
+   EventAccumulator: 8 fixed validation digits, each input with the outline of the region the
+   transformer samples, beside the transformer's output.
+2. The pose of the digit in the transformer's output over the whole test set, for every run that
+   ended ok (stnbench.pose): the spread of its rotation, zoom and centre, against the same
+   figures for the input itself. A transformer that centres, scales and uprights the digits
+   shrinks all three.
+
+    python scripts/transformer_outputs.py outputs/paper_table1_cpu [--data rts] [--seed 0]
+        [--png docs/figures/rts_transformer_outputs.png] [--csv docs/rts_pose.csv]
+"""
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from PIL import Image  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from stnbench import data, models, pose, report  # noqa: E402
+from stnbench.train import recipe_of  # noqa: E402
+
+TAG = "transform/inputs_and_outputs"
+
+
+def last_image(folder: str) -> tuple[int, Image.Image]:
+    events = EventAccumulator(folder, size_guidance={"images": 0})
+    events.Reload()
+    if TAG not in events.Tags()["images"]:
+        sys.exit(f"{folder}: no {TAG} images in its TensorBoard events")
+    last = events.Images(TAG)[-1]
+    return last.step, Image.open(io.BytesIO(last.encoded_image_string))
+
+
+def load_transformer(folder: Path):
+    cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    rec = recipe_of(cfg) or data.recipe(cfg.data.name)
+    container = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+    model = models.from_config(container(cfg.model), container(cfg.transform), rec.canvas)
+    ckpt = torch.load(folder / "checkpoint.pt", weights_only=False, map_location="cpu")
+    model.load_state_dict(ckpt["model"])
+    return cfg, rec, model.eval().transformer, ckpt["state"]["step"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dirs", nargs="+", help="sweep folders (what stnbench-report reads)")
+    ap.add_argument("--data", default="rts", help="the distortion (affine, no clutter)")
+    ap.add_argument("--seed", type=int, default=0, help="the run whose images the PNG shows")
+    ap.add_argument("--png", default="docs/figures/rts_transformer_outputs.png")
+    ap.add_argument("--csv", default="docs/rts_pose.csv")
+    args = ap.parse_args()
+
+    runs = report.collect(args.dirs)
+    runs = runs[(runs.data == args.data) & runs.model.str.startswith("st_")]
+    runs = runs[runs.status == "ok"]
+    if runs.empty:
+        sys.exit(f"no spatial-transformer runs on {args.data} that ended ok below {args.dirs}")
+    order = sorted(runs.row.unique(), key=lambda r: (not r.startswith("ST-CNN"), r))
+
+    shown = []
+    for row in order:
+        pick = runs[(runs.row == row) & (runs.seed == args.seed)]
+        if len(pick):
+            step, image = last_image(pick.path.iloc[0])
+            shown.append((f"{row}, seed {args.seed}, step {step}", pick.test_error.iloc[0], image))
+    fig, axes = plt.subplots(len(shown), 1, figsize=(8, 2.35 * len(shown)), squeeze=False)
+    for ax, (title, err, image) in zip(axes[:, 0], shown, strict=True):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(f"{title}: test error {err:.2f}%", fontsize=10)
+        ax.axis("off")
+    fig.suptitle(
+        f"{args.data.upper()} validation digits: input (red: the region sampled) | output",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    Path(args.png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.png, dpi=110)
+    print(f"wrote {args.png}")
+
+    records, inputs = [], None
+    for r in runs.itertuples():
+        cfg, rec, transformer, step = load_transformer(Path(r.path))
+        x, _ = data.load(cfg.data.name, "test", cfg.data.root, cfg.data.seed, recipe=rec)
+        warp = pose.known_warps(rec, "test", cfg.data.seed, len(x))
+        if inputs is None:
+            inputs = {"row": "input (no transformer)", "seed": None, "test_error": None}
+            inputs.update(pose.summary(pose.measure(None, x, warp)))
+        summary = pose.summary(pose.measure(transformer, x, warp))
+        records.append({"row": r.row, "seed": r.seed, "test_error": r.test_error, **summary})
+        print(f"{r.row} seed {r.seed} (step {step}): {summary}")
+    table = pd.DataFrame([inputs, *records])
+    table.to_csv(args.csv, index=False, float_format="%.4g")
+    print(f"wrote {args.csv}")
+    means = table.groupby("row", sort=False).mean(numeric_only=True).drop(columns="seed")
+    print(means.round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()
