@@ -57,19 +57,19 @@ STATUSES = ("ok", "collapsed", "diverged", "failed", "unfinished")
 BUDGET = ("optim", "schedule", "planned_steps", "batch_size", "train_size", "loc_lr_mult")
 
 
-def row_label(model: str, transform: str | None, residual=False, tanh=False) -> str:
+def row_label(model: str, transform: str | None, residual=False, tanh=False, loc_lr_mult=1) -> str:
     """The table's row name: the paper's where it has one, variants marked after it."""
-    transform = transform if model.startswith("st_") else None
+    st = model.startswith("st_")
+    transform = transform if st else None
     label = ROWS.get((model, transform))
     if label is None:
         label = MODEL_LABELS.get(model, model)
         if transform:
             label += " " + TRANSFORM_LABELS.get(transform, transform)
-    if tanh:
-        label += " (tanh)"
-    elif residual:
-        label += " (residual)"
-    return label
+    marks = ["tanh" if tanh else "residual"] if tanh or residual else []
+    if st and loc_lr_mult is not None and not pd.isna(loc_lr_mult) and loc_lr_mult != 1:
+        marks.append(f"loc lr x{loc_lr_mult:g}")
+    return label + (f" ({', '.join(marks)})" if marks else "")
 
 
 def _unfinished(folder: Path) -> dict | None:
@@ -118,13 +118,18 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
             "stnbench-train writes)"
         )
     runs = pd.DataFrame(list(records.values()))
-    for key in ("transform", "residual", "tanh", "test_error", "val_error"):
+    for key in ("transform", "residual", "tanh", "loc_lr_mult", "test_error", "val_error"):
         if key not in runs:
             runs[key] = None
     runs["row"] = [
-        row_label(m, t, r is True, h is True)
-        for m, t, r, h in zip(
-            runs.model, runs["transform"], runs["residual"], runs["tanh"], strict=True
+        row_label(m, t, r is True, h is True, lm)
+        for m, t, r, h, lm in zip(
+            runs.model,
+            runs["transform"],
+            runs["residual"],
+            runs["tanh"],
+            runs["loc_lr_mult"],
+            strict=True,
         )
     ]
     return runs.sort_values(["row", "data", "lr", "seed", "path"], ignore_index=True)

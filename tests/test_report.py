@@ -106,6 +106,21 @@ def test_rows_for_variants_and_other_columns():
     assert report.row_label("st_fcn", "attention") == "ST-FCN Att"
     assert report.row_label("st_cnn", "affine", residual=True) == "ST-CNN Aff (residual)"
     assert report.row_label("st_cnn", "affine", residual=True, tanh=True) == "ST-CNN Aff (tanh)"
+    slow_loc = report.row_label("st_cnn", "affine", residual=True, loc_lr_mult=0.1)
+    assert slow_loc == "ST-CNN Aff (residual, loc lr x0.1)"
+    assert report.row_label("cnn", None, loc_lr_mult=0.1) == "CNN"  # no localisation net
+
+
+def test_a_localisation_lr_multiplier_is_a_row_of_its_own(tmp_path):
+    """Runs that differ in loc_lr_mult are different models: never averaged into one cell."""
+    r = tmp_path / "runs"
+    run_folder(r, "a", test=1.0, val=1.0, loc_lr_mult=1.0)
+    run_folder(r, "b", test=3.0, val=3.0, loc_lr_mult=0.1)
+    run_folder(r, "c", test=5.0, val=5.0)  # written before loc_lr_mult was recorded
+    table = report.cells(report.collect([r])).set_index("row")
+    assert table.loc["ST-CNN Aff", "n"] == 2 and table.loc["ST-CNN Aff", "mean"] == 3.0
+    assert table.loc["ST-CNN Aff (loc lr x0.1)", "mean"] == 3.0
+    assert table.loc["ST-CNN Aff (loc lr x0.1)", "n"] == 1
 
 
 def test_mixed_budgets_are_warned_about(tmp_path):
