@@ -16,6 +16,7 @@
 import argparse
 import io
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import matplotlib
@@ -29,7 +30,7 @@ from PIL import Image  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from stnbench import data, models, pose, report  # noqa: E402
-from stnbench.train import recipe_of  # noqa: E402
+from stnbench.train import _container, recipe_of  # noqa: E402
 
 TAG = "transform/inputs_and_outputs"
 
@@ -45,12 +46,20 @@ def last_image(folder: str) -> tuple[int, Image.Image]:
 
 def load_transformer(folder: Path):
     cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
-    rec = recipe_of(cfg) or data.recipe(cfg.data.name)
-    container = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
-    model = models.from_config(container(cfg.model), container(cfg.transform), rec.canvas)
+    rec = recipe_of(cfg)
+    if rec is None:
+        sys.exit(f"{folder}: plain MNIST has no distortion to measure the pose against")
+    model = models.from_config(_container(cfg.model), _container(cfg.transform), rec.canvas)
     ckpt = torch.load(folder / "checkpoint.pt", weights_only=False, map_location="cpu")
     model.load_state_dict(ckpt["model"])
     return cfg, rec, model.eval().transformer, ckpt["state"]["step"]
+
+
+@lru_cache
+def test_set(name: str, root: str | None, seed: int, rec) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed test split and the warps that made it, read and drawn once for all its runs."""
+    x, _ = data.load(name, "test", root, seed, recipe=rec)
+    return x, pose.known_warps(rec, "test", seed, len(x))
 
 
 def main() -> None:
@@ -92,8 +101,7 @@ def main() -> None:
     records, inputs = [], None
     for r in runs.itertuples():
         cfg, rec, transformer, step = load_transformer(Path(r.path))
-        x, _ = data.load(cfg.data.name, "test", cfg.data.root, cfg.data.seed, recipe=rec)
-        warp = pose.known_warps(rec, "test", cfg.data.seed, len(x))
+        x, warp = test_set(cfg.data.name, cfg.data.root, cfg.data.seed, rec)
         if inputs is None:
             inputs = {"row": "input (no transformer)", "seed": None, "test_error": None}
             inputs.update(pose.summary(pose.measure(None, x, warp)))

@@ -67,7 +67,7 @@ def row_label(model: str, transform: str | None, residual=False, tanh=False, loc
         if transform:
             label += " " + TRANSFORM_LABELS.get(transform, transform)
     marks = ["tanh" if tanh else "residual"] if tanh or residual else []
-    if st and loc_lr_mult is not None and not pd.isna(loc_lr_mult) and loc_lr_mult != 1:
+    if st and not pd.isna(loc_lr_mult) and loc_lr_mult != 1:  # None / NaN: not recorded
         marks.append(f"loc lr x{loc_lr_mult:g}")
     return label + (f" ({', '.join(marks)})" if marks else "")
 

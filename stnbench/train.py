@@ -373,10 +373,12 @@ class Run:
     def lr_factor(self) -> float:
         return lr_factor(self.cfg.schedule, self.state["step"], self.t_cfg.steps)
 
+    def _validates_at(self, step: int) -> bool:
+        return step % self.t_cfg.val_every == 0 or step == self.t_cfg.steps
+
     def validates_after_step(self) -> bool:
         """Whether the coming step ends in a validation (and a checkpoint)."""
-        step = self.state["step"] + 1
-        return step % self.t_cfg.val_every == 0 or step == self.t_cfg.steps
+        return self._validates_at(self.state["step"] + 1)
 
     def clock(self) -> None:  # wall time of the loop so far into the state (it is checkpointed)
         now = time.perf_counter()
@@ -408,7 +410,7 @@ class Run:
                 state.update(status="diverged", reason=f"non-finite training loss by step {step}")
                 self.bar.clear()
                 log.warning("%s diverged: %s", self.out, state["reason"])
-        if state["status"] == "ok" and (step % t_cfg.val_every == 0 or step == t_cfg.steps):
+        if state["status"] == "ok" and self._validates_at(step):
             t_val = time.perf_counter()
             self.validation(step)
             if state["collapsed_at"] is not None and t_cfg.collapse.stop:
