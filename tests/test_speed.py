@@ -18,7 +18,8 @@ from stnbench import allocator
 from stnbench.models import build
 from stnbench.train import train_step
 
-if sys.argv[1] == "keep" and not allocator.keep_freed_memory():
+setting = allocator.keep_freed_memory if sys.argv[1] == "keep" else allocator.restore
+if not setting():
     sys.exit(3)
 torch.manual_seed(0)
 net = build("cnn", None, 28)
@@ -43,8 +44,11 @@ def minor_faults(setting: str) -> int:
 
 def test_keeping_freed_memory_stops_the_page_faults():
     default, kept = minor_faults("default"), minor_faults("keep")
-    # glibc's default maps each large buffer fresh and faults its pages in again, every step
-    # (7.7k-13.7k a step measured here); kept, the heap's pages are reused (0-205 a step)
+    # glibc's defaults map each large buffer fresh and fault its pages in again, every step
+    # (7.7k-13.7k a step measured here); kept, the heap's pages are reused (0-205 a step). The
+    # baseline fixes glibc's 128 KiB mmap threshold (allocator.restore(), as the benchmark's
+    # baseline does): left dynamic, glibc raises it as buffers are freed, and how far it has
+    # risen by the measured steps varies (573 faults a step in one CI run, a flaky baseline).
     assert default > 2_000
     assert kept * 10 < default
 
