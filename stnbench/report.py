@@ -262,53 +262,47 @@ def _diff(cell, fmt="{:+.2f}") -> str:
     return "" if math.isnan(cell["diff"]) else fmt.format(cell["diff"])
 
 
+def _shown(table: pd.DataFrame, pm="±", diff="{:+.2f}") -> pd.DataFrame:
+    """The cells as text: a row per model; per distortion ours, the paper's, the difference."""
+    text = {}
+    for _, c in table.iterrows():
+        name = COLUMNS.get(c["data"], c["data"])
+        shown = {
+            "ours": _ours(c, pm) + _lr_note(c),
+            "paper": _fmt(c.paper, 1),
+            "diff": _diff(c, diff),
+        }
+        text.setdefault(c.row, {}).update({(name, k): v for k, v in shown.items()})
+    return pd.DataFrame.from_dict(text, orient="index")
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    """A pipe table via tabulate: the first column left-aligned, the rest right; text as is."""
+    align = ["left"] + ["right"] * (frame.shape[1] - 1)
+    return frame.to_markdown(index=False, colalign=align, disable_numparse=True) + "\n"
+
+
 def markdown(table: pd.DataFrame) -> str:
     """The paper's layout as a Markdown table: per distortion, ours, the paper's, the difference."""
-    rows, cols = list(dict.fromkeys(table.row)), list(dict.fromkeys(table["data"]))
-    names = [COLUMNS.get(c, c) for c in cols]
-    head = ["model"] + [h for n in names for h in (n, f"{n} paper", f"{n} diff")]
-    lines = [
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join(["---"] + ["--:"] * 3 * len(cols)) + "|",
-    ]
-    for row in rows:
-        out = [row]
-        for data in cols:
-            cell = _cell(table, row, data)
-            out += [_ours(cell) + _lr_note(cell), _fmt(cell.paper, 1), _diff(cell)]
-        lines.append("| " + " | ".join(out) + " |")
-    return "\n".join(lines) + "\n\n" + LEGEND + "\n"
-
-
-def _tex(text: str) -> str:
-    for char in "_%&#":
-        text = text.replace(char, "\\" + char)
-    return text
+    shown = _shown(table)
+    shown.columns = [n if part == "ours" else f"{n} {part}" for n, part in shown.columns]
+    return _markdown(shown.rename_axis("model").reset_index()) + "\n" + LEGEND + "\n"
 
 
 def latex(table: pd.DataFrame) -> str:
-    """A booktabs tabular: per distortion, ours (mean \\pm std (n)), the paper's, the difference."""
-    rows, cols = list(dict.fromkeys(table.row)), list(dict.fromkeys(table["data"]))
-    names = [_tex(COLUMNS.get(c, c)) for c in cols]
-    lines = [
-        "% stnbench-report: test error (%), mean $\\pm$ std over the seeds that ended ok (n);",
-        "% needs \\usepackage{booktabs}",
-        "\\begin{tabular}{l" + "rrr" * len(cols) + "}",
-        "\\toprule",
-        " & ".join(["Model"] + [f"\\multicolumn{{3}}{{c}}{{{n}}}" for n in names]) + " \\\\",
-        " ".join(f"\\cmidrule(lr){{{2 + 3 * i}-{4 + 3 * i}}}" for i in range(len(cols))),
-        " & ".join([""] + ["ours", "paper", "$\\Delta$"] * len(cols)) + " \\\\",
-        "\\midrule",
-    ]
-    for row in rows:
-        out = [_tex(row)]
-        for data in cols:
-            cell = _cell(table, row, data)
-            ours = _tex(_ours(cell, pm="$\\pm$") + _lr_note(cell))
-            out += [ours, _fmt(cell.paper, 1), _diff(cell, "${:+.2f}$")]
-        lines.append(" & ".join(out) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}"]
-    return "\n".join(lines) + "\n"
+    """A booktabs tabular: per distortion, ours (mean \\pm std (n)), the paper's, the difference.
+    The Styler escapes the labels and the text, leaving the $...$ math alone."""
+    shown = _shown(table, pm="$\\pm$", diff="${:+.2f}$").rename(columns={"diff": "$\\Delta$"})
+    shown.index.name, shown.columns.names = None, ["Model", None]
+    styler = shown.style.format(escape="latex-math").format_index(escape="latex", axis=0)
+    styler = styler.format_index(escape="latex", axis=1, level=0)
+    tex = styler.to_latex(
+        column_format="l" + "rrr" * (shown.shape[1] // 3), hrules=True, multicol_align="c"
+    )
+    return (
+        "% stnbench-report: test error (%), mean $\\pm$ std over the seeds that ended ok (n);\n"
+        "% needs \\usepackage{booktabs}\n" + tex
+    )
 
 
 # --- learning rates -----------------------------------------------------------------------------
@@ -322,22 +316,19 @@ def lr_markdown(per_lr: pd.DataFrame, table: pd.DataFrame) -> str:
     for data in cols:
         sub = per_lr[per_lr["data"] == data]
         lrs = sorted(sub.lr.unique())
-        head = ["model"] + [f"lr {lr:g}" for lr in lrs]
-        lines = [
-            f"{COLUMNS.get(data, data)}: test error (%), mean ± std (n) of the runs that ended ok",
-            "",
-            "| " + " | ".join(head) + " |",
-            "|" + "|".join(["---"] + ["--:"] * len(lrs)) + "|",
-        ]
+        records = []
         for row in rows:
             chosen = _cell(table, row, data).lr
-            out = [row]
+            record = {"model": row}
             for lr in lrs:
                 hit = sub[(sub.row == row) & (sub.lr == lr)]
                 text = "" if hit.empty else _ours(hit.iloc[0])
-                out.append(text + (" *" if lr == chosen and text else ""))
-            lines.append("| " + " | ".join(out) + " |")
-        parts.append("\n".join(lines) + "\n")
+                record[f"lr {lr:g}"] = text + (" *" if lr == chosen and text else "")
+            records.append(record)
+        title = (
+            f"{COLUMNS.get(data, data)}: test error (%), mean ± std (n) of the runs that ended ok"
+        )
+        parts.append(title + "\n\n" + _markdown(pd.DataFrame(records)))
     return "\n".join(parts)
 
 
