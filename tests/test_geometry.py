@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,7 +7,7 @@ import torch.nn.functional as F
 from stnbench import geometry
 from stnbench.errors import StnbenchError
 
-KINDS = geometry.KINDS
+KINDS = list(geometry.KINDS)  # every registered kind: the per-kind tests run on each
 
 
 def rand_params(kind, b, scale=0.1, dtype=torch.float64, seed=0):
@@ -35,16 +37,31 @@ def test_identity_warp_returns_input(kind, mode):
     torch.testing.assert_close(geometry.warp(x, kind, p, mode=mode), x, atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_grid_shape_and_param_names(kind):
+    p = rand_params(kind, 3)
+    assert p.shape == (3, geometry.num_params(kind))
+    assert geometry.grid(kind, p, (5, 8)).shape == (3, 5, 8, 2)
+    assert geometry.grid(kind, p[:1], (1, 1)).shape == (1, 1, 1, 2)
+    names = geometry.param_names(kind)
+    assert len(names) == len(set(names)) == geometry.num_params(kind)
+    assert f"``{kind}``" in geometry.__doc__  # the module docstring documents its layout
+
+
 def test_identity_has_documented_layout():
     assert geometry.identity("affine").tolist() == [1, 0, 0, 0, 1, 0]
     assert geometry.identity("attention").tolist() == [1, 0, 0]
     assert geometry.identity("projective").tolist() == [1, 0, 0, 0, 1, 0, 0, 0]
+    assert geometry.identity("similarity").tolist() == [0, 0, 0, 0]
+    assert geometry.identity("rigid").tolist() == [0, 0, 0]
     tps = geometry.identity("tps").view(4, 4, 2)
     levels = torch.tensor([-1, -1 / 3, 1 / 3, 1])
     torch.testing.assert_close(tps[0, :, 0], levels)  # first row: x varies, y = -1
     torch.testing.assert_close(tps[0, :, 1], torch.full((4,), -1.0))
     torch.testing.assert_close(tps[:, 0, 1], levels)  # first column: y varies, x = -1
-    assert [geometry.num_params(k) for k in KINDS] == [6, 3, 8, 32]
+    assert [geometry.num_params(k) for k in KINDS] == [6, 3, 8, 32, 4, 3]
+    assert geometry.param_names("similarity") == ["log_scale", "rotation", "tx", "ty"]
+    assert geometry.param_names("rigid") == ["rotation", "tx", "ty"]
 
 
 @pytest.mark.parametrize("size", [(5, 5), (6, 13), (30, 30)])
@@ -59,6 +76,59 @@ def test_attention_is_affine_without_rotation():
     got = geometry.grid("attention", torch.tensor([[s, tx, ty]]), (8, 9))
     want = geometry.grid("affine", torch.tensor([[s, 0, tx, 0, s, ty]]), (8, 9))
     torch.testing.assert_close(got, want)
+
+
+def similarity_theta(params):
+    """theta (B, 6) = [[s cos, -s sin, tx], [s sin, s cos, ty]], s = exp(log_scale), by hand."""
+    rows = []
+    for log_scale, rotation, tx, ty in params.tolist():
+        s, c, n = math.exp(log_scale), math.cos(rotation), math.sin(rotation)
+        rows.append([s * c, -s * n, tx, s * n, s * c, ty])
+    return torch.tensor(rows, dtype=params.dtype)
+
+
+@pytest.mark.parametrize("size", [(5, 5), (6, 13), (30, 30)])
+def test_similarity_equals_its_affine_grid(size):
+    p = rand_params("similarity", 8, scale=1.0, seed=1)  # rotations and scales well away from 0
+    theta = similarity_theta(p)
+    got = geometry.grid("similarity", p, size)
+    torch.testing.assert_close(got, geometry.grid("affine", theta, size), atol=1e-12, rtol=0)
+    want = F.affine_grid(theta.view(-1, 2, 3), (8, 1, *size), align_corners=False)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(5, 5), (6, 13)])
+def test_rigid_is_similarity_without_scale(size):
+    p = rand_params("rigid", 8, scale=1.0, seed=2)
+    with_scale = torch.cat([torch.zeros(8, 1, dtype=p.dtype), p], dim=1)  # log_scale = 0
+    got = geometry.grid("rigid", p, size)
+    theta = similarity_theta(with_scale)
+    torch.testing.assert_close(got, geometry.grid("affine", theta, size), atol=1e-12, rtol=0)
+    want = F.affine_grid(theta.view(-1, 2, 3), (8, 1, *size), align_corners=False)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(got, geometry.grid("similarity", with_scale, size))
+
+
+@pytest.mark.parametrize("kind", ["similarity", "rigid"])
+def test_quarter_turn_rotates_the_pixel_centres(kind):
+    n = 6
+    p = torch.zeros(1, geometry.num_params(kind), dtype=torch.float64)
+    p[0, -3] = math.pi / 2  # rotation: the third parameter from the end in both layouts
+    g = geometry.grid(kind, p, (n, n))[0]  # (n, n, 2)
+    c = geometry.pixel_centres((n, n), torch.float64)  # (n, n, 2)
+    turned = torch.stack([-c[..., 1], c[..., 0]], dim=-1)  # (x, y) -> (-y, x)
+    torch.testing.assert_close(g, turned, atol=1e-12, rtol=0)
+    # output pixel (i, j) samples the centre of input pixel (j, n - 1 - i) exactly
+    torch.testing.assert_close(g, c.flip(1).transpose(0, 1), atol=1e-12, rtol=0)
+    # so the output is the input turned a quarter counter-clockwise, as torch.rot90 turns it
+    x = images(h=n, w=n)
+    for mode in geometry.MODES:
+        out = geometry.warp(x, kind, p.expand(len(x), -1), mode=mode)
+        torch.testing.assert_close(out, torch.rot90(x, 1, dims=(-2, -1)), atol=1e-12, rtol=0)
+    if kind == "similarity":  # a scale of 2 as well: (x, y) -> (-2y, 2x)
+        p[0, 0] = math.log(2.0)
+        g = geometry.grid(kind, p, (n, n))[0]
+        torch.testing.assert_close(g, 2 * turned, atol=1e-12, rtol=0)
 
 
 def test_projective_with_affine_homography_equals_affine_warp():
@@ -110,6 +180,12 @@ def test_tps_reproduces_affine_maps():
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_grid(kind):
+    p = rand_params(kind, 2, scale=0.05).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda p: geometry.grid(kind, p, (3, 4)), (p,))
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", geometry.MODES)
 def test_gradcheck_grid_and_sampler(kind, mode):
     x = images(b=2, c=1, h=5, w=6).requires_grad_(True)
@@ -134,9 +210,9 @@ def test_output_size_can_differ_from_input():
 
 def test_bad_input_messages():
     with pytest.raises(
-        StnbenchError, match="unknown transform kind 'rigid'; expected one of affine"
+        StnbenchError, match="unknown transform kind 'shear'; expected one of affine"
     ):
-        geometry.grid("rigid", torch.zeros(1, 6), (4, 4))
+        geometry.grid("shear", torch.zeros(1, 6), (4, 4))
     with pytest.raises(StnbenchError, match=r"must have shape \(B, 6\); got \(2, 5\)"):
         geometry.grid("affine", torch.zeros(2, 5), (4, 4))
     with pytest.raises(StnbenchError, match=r"must have shape \(B, 32\); got \(32,\)"):
@@ -146,7 +222,13 @@ def test_bad_input_messages():
     with pytest.raises(StnbenchError, match="unknown sampling mode 'bicubic'"):
         geometry.sample(torch.zeros(1, 1, 4, 4), torch.zeros(1, 4, 4, 2), mode="bicubic")
     with pytest.raises(StnbenchError, match="unknown transform kind"):
-        geometry.identity("similarity")
+        geometry.identity("shear")
+    with pytest.raises(StnbenchError, match="unknown transform kind"):
+        geometry.num_params("shear")
+    with pytest.raises(StnbenchError, match="unknown transform kind"):
+        geometry.param_names("shear")
+    with pytest.raises(StnbenchError, match=r"must have shape \(B, 4\); got \(1, 6\)"):
+        geometry.grid("similarity", torch.zeros(1, 6), (4, 4))
 
 
 def test_homography_maps_its_four_points():

@@ -107,9 +107,9 @@ def test_bad_names_and_options():
     ):
         build("resnet", None, 28)
     with pytest.raises(
-        StnbenchError, match="unknown transform kind 'rigid'; expected one of affine"
+        StnbenchError, match="unknown transform kind 'shear'; expected one of affine"
     ):
-        build("st_cnn", "rigid", 28)
+        build("st_cnn", "shear", 28)
     with pytest.raises(StnbenchError, match="model st_fcn needs a transform"):
         build("st_fcn", None, 28)
     with pytest.raises(
