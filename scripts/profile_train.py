@@ -33,7 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     allocator.keep_freed_memory()
     torch.manual_seed(0)
-    kind = args.transform if args.model.startswith("st_") else None
+    kind = args.transform if models.is_st(args.model) else None
     net = prepare(models.build(args.model, kind, args.canvas), torch.device("cpu"))
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     x = torch.rand(args.batch, 1, args.canvas, args.canvas)

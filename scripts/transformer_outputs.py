@@ -30,7 +30,7 @@ from PIL import Image  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from stnbench import data, models, pose, report  # noqa: E402
-from stnbench.train import _container, recipe_of  # noqa: E402
+from stnbench.train import recipe_of  # noqa: E402
 
 TAG = "transform/inputs_and_outputs"
 
@@ -49,7 +49,8 @@ def load_transformer(folder: Path):
     rec = recipe_of(cfg)
     if rec is None:
         sys.exit(f"{folder}: plain MNIST has no distortion to measure the pose against")
-    model = models.from_config(_container(cfg.model), _container(cfg.transform), rec.canvas)
+    c = OmegaConf.to_container
+    model = models.from_config(c(cfg.model), c(cfg.transform), rec.canvas)
     ckpt = torch.load(folder / "checkpoint.pt", weights_only=False, map_location="cpu")
     model.load_state_dict(ckpt["model"])
     return cfg, rec, model.eval().transformer, ckpt["state"]["step"]
@@ -72,7 +73,7 @@ def main() -> None:
     args = ap.parse_args()
 
     runs = report.collect(args.dirs)
-    runs = runs[(runs.data == args.data) & runs.model.str.startswith("st_")]
+    runs = runs[(runs.data == args.data) & runs.transform.notna()]
     runs = runs[runs.status == "ok"]
     if runs.empty:
         sys.exit(f"no spatial-transformer runs on {args.data} that ended ok below {args.dirs}")

@@ -37,10 +37,9 @@ def recipes() -> dict[str, Recipe | None]:
     found = {}
     for f in sorted(folder.iterdir(), key=lambda f: f.name):
         if f.name.endswith(".yaml"):
-            values = OmegaConf.to_container(OmegaConf.create(f.read_text()))["recipe"]
-            name = f.name.removesuffix(".yaml")
-            found[name] = (
-                None if values is None else Recipe.from_dict(values, f"conf/data/{f.name}: recipe")
+            values = OmegaConf.create(f.read_text())["recipe"]
+            found[f.name.removesuffix(".yaml")] = (
+                None if values is None else Recipe.from_dict(values)
             )
     return found
 
@@ -93,7 +92,12 @@ def cache_path(
     rec = _resolve(name, split, seed, recipe)
     if rec is None:
         raise StnbenchError("plain MNIST is not cached: it is read from the IDX files")
-    return mnist.data_root(root) / "distorted" / f"{name}-{rec.key()}" / f"{split}-seed{seed}.pt"
+    return (
+        mnist.data_root(root)
+        / "distorted"
+        / f"{name}-{rec.key_digest()}"
+        / f"{split}-seed{seed}.pt"
+    )
 
 
 def _read_cache(path: Path, n: int, canvas: int) -> tuple[Tensor, Tensor]:
@@ -138,7 +142,7 @@ def load(
         out = distort(rec, digits, generator(rec, split, seed), device=device)
         images = out.mul_(255).round_().to(torch.uint8)
         with atomic_path(path) as tmp:
-            torch.save({"images": images, "labels": labels, "recipe": rec.key()}, tmp)
+            torch.save({"images": images, "labels": labels, "recipe": rec.key_digest()}, tmp)
     return images.to(torch.float32).div_(255), labels
 
 

@@ -24,71 +24,63 @@ leaves the digits where they were.
 import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
 from stnbench import geometry
-from stnbench.errors import StnbenchError
+from stnbench.errors import Checked, StnbenchError, describe, integer, number, setting
 
 DIGIT = 28  # MNIST's side, pixels
 VERSION = 1  # bump when the generator's output for a recipe changes: it keys the caches
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """One distortion recipe; every field is a config value (conf/data/<name>.yaml, ``recipe:``)."""
+def _interval(v) -> bool:
+    return len(v) == 2 and number(0, lo_open=True)(v[0]) and number(v[0])(v[1])
 
-    canvas: int = DIGIT  # output side, pixels
-    rotation: float = 0.0  # degrees: angle ~ U[-rotation, rotation]
-    shear: float = 0.0  # degrees: x-shear angle ~ U[-shear, shear]
-    scale: tuple[float, float] = (1.0, 1.0)  # factor ~ U[lo, hi]
-    place: bool = False  # shift so the scaled 28x28 box lands uniformly anywhere inside the canvas
-    translation: float = 0.0  # extra shift ~ U[-t, t] x canvas per axis (torchvision's convention)
-    corner_sigma: float = 0.0  # px: projective corner offsets ~ N(0, sigma)
-    tps_sigma: float = 0.0  # px: TPS control-point offsets ~ N(0, sigma)
-    clutter: int = 0  # patches cut from other digits of the split, added, then clipped to [0, 1]
-    clutter_size: int = 6  # patch side, pixels
+
+@dataclass(unsafe_hash=True)  # hashable: caches key on it
+class Recipe(Checked):
+    """One distortion recipe; every field is a config value (conf/data/<name>.yaml, ``recipe:``,
+    which holds only what differs from these defaults)."""
+
+    key: ClassVar[str] = "data.recipe"
+
+    canvas: int = setting(DIGIT, "an integer >= 1", integer(1))  # output side, pixels
+    # degrees: angle ~ U[-rotation, rotation]
+    rotation: float = setting(0.0, "a number >= 0", number(0))
+    shear: float = setting(0.0, "a number in [0, 90)", number(0, 90, hi_open=True))  # x-shear
+    # factor ~ U[lo, hi]
+    scale: tuple[float, float] = setting((1.0, 1.0), "[lo, hi] with 0 < lo <= hi", _interval)
+    # shift so the scaled 28x28 box lands uniformly anywhere inside the canvas
+    place: bool = False
+    # extra shift ~ U[-t, t] x canvas per axis (torchvision's convention)
+    translation: float = setting(0.0, "a number >= 0", number(0))
+    corner_sigma: float = setting(0.0, "a number >= 0", number(0))  # px: projective corners
+    tps_sigma: float = setting(0.0, "a number >= 0", number(0))  # px: TPS control points
+    # patches cut from other digits of the split, added, then clipped to [0, 1]
+    clutter: int = setting(0, "an integer >= 0", integer(0))
+    clutter_size: int = setting(6, "an integer >= 1", integer(1))  # patch side, pixels
 
     def __post_init__(self):
-        def bad(key, expected):
-            raise StnbenchError(f"recipe.{key} must be {expected}; got {getattr(self, key)!r}")
-
-        if not _is_int(self.canvas) or self.canvas < 1:
-            bad("canvas", "a positive integer")
-        for key in ("rotation", "shear", "translation", "corner_sigma", "tps_sigma"):
-            if not _is_number(getattr(self, key)) or getattr(self, key) < 0:
-                bad(key, "a number >= 0")
-        scale = tuple(self.scale) if isinstance(self.scale, list | tuple) else ()
-        if len(scale) != 2 or not all(map(_is_number, scale)) or not 0 < scale[0] <= scale[1]:
-            bad("scale", "[lo, hi] with 0 < lo <= hi")
-        object.__setattr__(self, "scale", (float(scale[0]), float(scale[1])))
-        if self.shear >= 90:
-            bad("shear", "below 90 degrees")
-        if not isinstance(self.place, bool):
-            bad("place", "true or false")
+        super().__post_init__()
+        self.scale = (float(self.scale[0]), float(self.scale[1]))
         if self.corner_sigma > 0 and self.tps_sigma > 0:
-            bad("tps_sigma", "0 when corner_sigma is set (one warp kind per recipe)")
-        if not _is_int(self.clutter) or self.clutter < 0:
-            bad("clutter", "an integer >= 0")
-        if not _is_int(self.clutter_size) or not 1 <= self.clutter_size <= min(DIGIT, self.canvas):
-            bad("clutter_size", f"an integer in [1, {min(DIGIT, self.canvas)}]")
+            raise self.bad("tps_sigma", "0 when corner_sigma is set (one warp kind per recipe)")
+        if self.clutter_size > min(DIGIT, self.canvas):
+            raise self.bad("clutter_size", f"an integer in [1, {min(DIGIT, self.canvas)}]")
 
     @classmethod
-    def from_dict(cls, values: dict, where: str = "recipe") -> "Recipe":
-        """A recipe from config values; errors name keys as ``<where>.<key>``."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in known:
-                raise StnbenchError(
-                    f"unknown key {where}.{key}; expected one of {', '.join(known)}"
-                )
+    def from_dict(cls, values: dict) -> "Recipe":
+        """A recipe from config values, checked as Hydra checks data.recipe."""
         try:
-            return cls(**values)
-        except StnbenchError as e:
-            raise StnbenchError(str(e).replace("recipe.", f"{where}.", 1)) from None
+            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
+        except OmegaConfBaseException as e:
+            raise StnbenchError(describe(e)) from None
 
     @property
     def kind(self) -> str:
@@ -97,23 +89,19 @@ class Recipe:
             return "projective"
         return "tps" if self.tps_sigma > 0 else "affine"
 
-    def key(self) -> str:
+    def key_digest(self) -> str:
         """Short digest of the recipe and the generator version: it keys caches and draws."""
-        text = json.dumps({"version": VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        values = dataclasses.asdict(self)
+        for name in ("rotation", "shear"):  # integers in version 1's configs: the same digests
+            if float(values[name]).is_integer():
+                values[name] = int(values[name])
+        text = json.dumps({"version": VERSION, **values}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def generator(recipe: Recipe, split: str, seed: int) -> torch.Generator:
     """The CPU generator of one fixed dataset: distinct for every recipe, split and seed."""
-    digest = hashlib.sha256(f"{recipe.key()}/{split}/{seed}".encode()).digest()
+    digest = hashlib.sha256(f"{recipe.key_digest()}/{split}/{seed}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 

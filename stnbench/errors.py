@@ -1,4 +1,15 @@
-"""The one error type users see: a one-line message naming what was wrong and what is expected."""
+"""The one error type users see, and the one validator of settings that raises it.
+
+A setting is a dataclass field made with ``setting(default, expected, ok)``: its type is checked by
+OmegaConf when Hydra composes the config, its range by ``Checked.__post_init__`` (every schema's
+base), and both kinds of failure read ``<key> must be <expected>; got <value>``.
+"""
+
+import math
+from dataclasses import field, fields, is_dataclass
+from typing import Any, ClassVar
+
+from omegaconf.errors import OmegaConfBaseException
 
 
 class StnbenchError(ValueError):
@@ -8,3 +19,69 @@ class StnbenchError(ValueError):
 def one_line(error: BaseException) -> str:
     """An exception's message folded onto one line (Hydra's and torchvision's span several)."""
     return " ".join(s.strip() for s in str(error).splitlines() if s.strip()) or type(error).__name__
+
+
+def setting(default: Any, expected: str, ok=None) -> Any:
+    """A schema field: its default, what it must be in words, and a check of its value (beyond
+    its type) that ``Checked`` runs."""
+    return field(default=default, metadata={"expected": expected, "ok": ok})
+
+
+def describe(error: BaseException) -> str:
+    """One line for a bad setting: OmegaConf's type and key errors (raised while Hydra composes)
+    in the words of the schema's setting(), else the message folded onto one line."""
+    cause = error
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__
+    schema = getattr(cause, "object_type", None)
+    if not getattr(cause, "full_key", None) or not is_dataclass(schema):
+        return one_line(error).split(" Config search path:")[0]  # Hydra's lists its search path
+    known = {f.name: f for f in fields(schema)}
+    name = cause.full_key.rsplit(".", 1)[-1]
+    key = f"{schema.key}.{name}" if getattr(schema, "key", "") else cause.full_key
+    if name not in known:
+        return f"unknown key {key}; expected one of {', '.join(known)}"
+    if "expected" in known[name].metadata:
+        return f"{key} must be {known[name].metadata['expected']}; got {cause.value!r}"
+    return f"{key}: {one_line(cause).split(' full_key:')[0]}"
+
+
+class Checked:
+    """Base of the config schemas: ``__post_init__`` checks every field against its setting().
+    ``key`` is where the schema sits in the composed config (errors name ``key.field``)."""
+
+    key: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            ok, value = f.metadata.get("ok"), getattr(self, f.name)
+            if ok is not None and not ok(value):
+                raise self.bad(f.name, f.metadata["expected"])
+
+    def bad(self, name: str, expected: str) -> StnbenchError:
+        key = f"{self.key}.{name}" if self.key else name
+        return StnbenchError(f"{key} must be {expected}; got {getattr(self, name)!r}")
+
+
+# checks of setting() values; None passes where a setting is optional
+def number(lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False, optional=False):
+    def ok(v):
+        if v is None:
+            return optional
+        return (
+            isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            and (v > lo if lo_open else v >= lo)
+            and (v < hi if hi_open else v <= hi)
+        )
+
+    return ok
+
+
+def integer(lo=1, optional=False):
+    return lambda v: (v is None and optional) or (isinstance(v, int) and v >= lo)
+
+
+def one_of(*choices):
+    return lambda v: v in choices

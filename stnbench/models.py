@@ -15,15 +15,17 @@ the integer whose total learnable parameter count (localisation net included) co
 budget (default 400k), so all models for one canvas have about the same size.
 """
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from stnbench import geometry
 from stnbench.errors import StnbenchError
+from stnbench.geometry import KINDS
 from stnbench.transformer import SpatialTransformer
 
-MODELS = ("fcn", "cnn", "st_fcn", "st_cnn")
-OPTIONS = ("budget", "out_size", "pool", "mode", "residual", "tanh")
 BUDGET = 400_000
 MAX_WIDTH = 4096
 
@@ -59,7 +61,26 @@ def cnn(input_size: int, width: int, num_classes: int) -> nn.Sequential:
     )
 
 
-CLASSIFIERS = {"fcn": fcn, "cnn": cnn}
+@dataclass(frozen=True)
+class Arch:
+    """A registered model: its classifier, and its localisation net (None: no transformer)."""
+
+    classifier: Callable[[int, int, int], nn.Module]  # (input side, width, classes) -> module
+    loc: str | None  # a key of stnbench.transformer.LOCALISATION
+
+
+MODELS = {
+    "fcn": Arch(fcn, None),
+    "cnn": Arch(cnn, None),
+    "st_fcn": Arch(fcn, "fcn"),
+    "st_cnn": Arch(cnn, "cnn"),
+}
+ST_OPTIONS = ("out_size", "pool", "mode", "residual", "tanh")  # options of the transformer
+
+
+def is_st(model: str) -> bool:
+    """Whether a registered model has a spatial transformer."""
+    return MODELS[model].loc is not None
 
 
 class STModel(nn.Module):
@@ -110,25 +131,6 @@ def _width(make, budget: int, fixed: int) -> int:
         return min((lo, hi), key=lambda w: abs(total(w) - budget))
 
 
-def _check_options(options: dict) -> None:
-    """Option types, checked here because the wrong type would silently mean something else."""
-
-    def bad(key, expected):
-        raise StnbenchError(f"model.{key} must be {expected}; got {options[key]!r}")
-
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    for key in ("residual", "tanh"):
-        if key in options and not isinstance(options[key], bool):
-            bad(key, "true or false")
-    if options.get("pool") is not None and not isinstance(options["pool"], bool):
-        bad("pool", "true, false or null")
-    for key in ("budget", "out_size"):
-        if options.get(key) is not None and not (is_int(options[key]) and options[key] >= 1):
-            bad(key, "a positive integer or null")
-
-
 def build(
     model: str,
     transform: str | None,
@@ -147,28 +149,17 @@ def build(
     """
     if model not in MODELS:
         raise StnbenchError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
-    for key in options:
-        if key not in OPTIONS:
-            raise StnbenchError(
-                f"unknown model option {key!r}; expected one of {', '.join(OPTIONS)}"
-            )
-    if not isinstance(input_size, int) or input_size < 1:
-        raise StnbenchError(f"input_size must be a positive integer; got {input_size!r}")
-    _check_options(options)
-    budget = options.pop("budget", None) or BUDGET
-    classifier = model.removeprefix("st_")
-    make = CLASSIFIERS[classifier]
-    if model == classifier:
+    arch, budget = MODELS[model], options.pop("budget", None) or BUDGET
+    make = arch.classifier
+    if arch.loc is None:
         width = _width(lambda w: make(input_size, w, num_classes), budget, 0)
         return make(input_size, width, num_classes)
 
     if transform is None:
-        raise StnbenchError(
-            f"model {model} needs a transform; expected affine, attention, projective or tps"
-        )
+        raise StnbenchError(f"model {model} needs a transform; expected one of {', '.join(KINDS)}")
     pool = options.pop("pool", None)
     pool = input_size >= 42 if pool is None else bool(pool)
-    transformer = SpatialTransformer(classifier, transform, input_size, **options)
+    transformer = SpatialTransformer(arch.loc, transform, input_size, **options)
     seen = transformer.out_size // 2 if pool else transformer.out_size
     width = _width(lambda w: make(seen, w, num_classes), budget, count(transformer))
     return STModel(transformer, pool, make(seen, width, num_classes))
@@ -176,6 +167,7 @@ def build(
 
 def from_config(model: dict, transform: dict | None, input_size: int, num_classes: int = 10):
     """build() from the ``model`` and ``transform`` config groups (conf/model, conf/transform)."""
-    options = {k: v for k, v in model.items() if k != "name"}
-    kind = transform["kind"] if transform else None
-    return build(model["name"], kind, input_size, num_classes, **options)
+    name = model["name"]
+    options = {k: v for k, v in model.items() if k != "name" and (is_st(name) or k == "budget")}
+    kind = transform["kind"] if transform and is_st(name) else None
+    return build(name, kind, input_size, num_classes, **options)

@@ -32,7 +32,14 @@ ROWS = {
     ("st_cnn", "tps"): "ST-CNN TPS",
 }
 MODEL_LABELS = {"fcn": "FCN", "cnn": "CNN", "st_fcn": "ST-FCN", "st_cnn": "ST-CNN"}
-TRANSFORM_LABELS = {"affine": "Aff", "projective": "Proj", "tps": "TPS", "attention": "Att"}
+TRANSFORM_LABELS = {
+    "affine": "Aff",
+    "projective": "Proj",
+    "tps": "TPS",
+    "attention": "Att",
+    "similarity": "Sim",
+    "rigid": "Rigid",
+}
 COLUMNS = {"r": "R", "rts": "RTS", "p": "P", "e": "E", "tc": "TC"}  # the paper's, in its order
 
 # Reported test error (%): Table 1, and TC from the text (its ST models taken as affine).
@@ -58,13 +65,14 @@ BUDGET = ("optim", "schedule", "planned_steps", "batch_size", "train_size", "loc
 
 
 def row_label(model: str, transform: str | None, residual=False, tanh=False, loc_lr_mult=1) -> str:
-    """The table's row name: the paper's where it has one, variants marked after it."""
-    st = model.startswith("st_")
+    """The table's row name: the paper's where it has one, variants marked after it. A run has
+    a transformer when it records a transform (metrics.json's ``transform``, from models.is_st)."""
+    st = isinstance(transform, str)
     transform = transform if st else None
     label = ROWS.get((model, transform))
     if label is None:
         label = MODEL_LABELS.get(model, model)
-        if transform:
+        if st:
             label += " " + TRANSFORM_LABELS.get(transform, transform)
     marks = ["tanh" if tanh else "residual"] if tanh or residual else []
     if st and not pd.isna(loc_lr_mult) and loc_lr_mult != 1:  # None / NaN: not recorded
@@ -121,16 +129,9 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
     for key in ("transform", "residual", "tanh", "loc_lr_mult", "test_error", "val_error"):
         if key not in runs:
             runs[key] = None
+    columns = [runs[k] for k in ("model", "transform", "residual", "tanh", "loc_lr_mult")]
     runs["row"] = [
-        row_label(m, t, r is True, h is True, lm)
-        for m, t, r, h, lm in zip(
-            runs.model,
-            runs["transform"],
-            runs["residual"],
-            runs["tanh"],
-            runs["loc_lr_mult"],
-            strict=True,
-        )
+        row_label(m, t, r is True, h is True, lm) for m, t, r, h, lm in zip(*columns, strict=True)
     ]
     return runs.sort_values(["row", "data", "lr", "seed", "path"], ignore_index=True)
 

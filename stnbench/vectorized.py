@@ -7,12 +7,12 @@ make one large computation (convolutions become grouped convolutions, linear lay
 matrix products). A vectorised SGD or Adam then updates each run with its own learning rate,
 momentum and weight decay, with the formulas of torch.optim.SGD and torch.optim.Adam.
 
-Each run keeps its own bookkeeping (stnbench.train.Run over a module of its own): batches from its
-seed, logging, validation, checkpoints, TensorBoard events and metrics.json, exactly as a separate
-run writes them. Before a run validates, checkpoints or finishes, its slice of the stacked tensors
-is copied into its module and its optimizer's state (a torch.optim optimizer that never steps), so
-its checkpoint is a separate run's checkpoint: either can resume the other. A run that diverges or
-collapses stops (its slice is frozen and it finishes at once); the others go on.
+Each run keeps its own bookkeeping (stnbench.train's helpers over a module of its own): batches from
+its seed, logging, validation, checkpoints, TensorBoard events and metrics.json, exactly as a
+separate run writes them. Before a run validates, checkpoints or finishes, its slice of the stacked
+tensors is copied into its module and its optimizer's state (a torch.optim optimizer that never
+steps), so its checkpoint is a separate run's checkpoint: either can resume the other. A run that
+diverges or collapses stops (its slice is frozen and it finishes at once); the others go on.
 """
 
 import copy
@@ -27,21 +27,31 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from stnbench import allocator, device
+from stnbench.config import recorded
 from stnbench.errors import StnbenchError
-from stnbench.train import Data, Run, build_model, finished, make_optimizer, train, validate
+from stnbench.optim import is_loc, lr_factor, make_optimizer
+from stnbench.train import (
+    batches,
+    build_model,
+    finish,
+    finished,
+    load_splits,
+    start,
+    stepped,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
 # Settings that may differ within a group; every other setting must be equal.
 GROUPED = ("seed", "optim.lr", "optim.momentum", "optim.weight_decay", "optim.loc_lr_mult")
-IGNORED = ("train.progress", "hydra")  # change nothing a run computes
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8  # torch.optim.Adam's defaults, as make_optimizer uses
 
 
 def group_key(cfg: DictConfig) -> str:
     """Equal for configs that can train as one group."""
-    conf = OmegaConf.to_container(cfg, resolve=False)
-    for key in GROUPED + IGNORED:
+    conf = recorded(OmegaConf.to_container(cfg, resolve=False))
+    for key in GROUPED:
         *parents, last = key.split(".")
         node = conf
         for p in parents:
@@ -66,7 +76,7 @@ class Stacked:
 
         self.lr, self.momentum, self.decay = {}, {}, {}
         for n, p in self.params.items():
-            loc = n.startswith("transformer.")  # make_optimizer's second group
+            loc = is_loc(n)  # make_optimizer's second group
             self.lr[n] = per_run(
                 [c.optim.lr * (c.optim.loc_lr_mult if loc else 1) for c in cfgs], p
             )
@@ -160,10 +170,7 @@ def train_group(cfgs: list[DictConfig], outs: list, tags: list[str] | None = Non
     """Train runs that differ only in GROUPED settings as one batched model; return each run's
     metrics (also in its own metrics.json), in order. A finished run is left alone; runs whose
     checkpoints stand at different steps are trained one after another instead."""
-    for cfg in cfgs:
-        validate(cfg)
-    keys = {group_key(c) for c in cfgs}
-    if len(keys) > 1:
+    if len({group_key(c) for c in cfgs}) > 1:
         raise StnbenchError("these runs differ in more than " + ", ".join(GROUPED))
     results: list[dict | None] = [finished(out) for out in outs]
     todo = [i for i, r in enumerate(results) if r is None]
@@ -171,37 +178,40 @@ def train_group(cfgs: list[DictConfig], outs: list, tags: list[str] | None = Non
         return results
     dev = device.resolve(cfgs[todo[0]].device)
     allocator.keep_freed_memory()
-    d = Data(cfgs[todo[0]], dev)
-    modules = [build_model(cfgs[i], d) for i in todo]
+    d = load_splits(cfgs[todo[0]], dev)
+    modules = [build_model(cfgs[i], d.canvas, dev) for i in todo]
     opts = [make_optimizer(m, cfgs[i].optim) for i, m in zip(todo, modules, strict=True)]
     tags = tags or [f"[{out}] " for out in outs]
     runs = [
-        Run(cfgs[i], outs[i], False, d, m, o, tag=tags[i])
+        start(cfgs[i], outs[i], d, m, o, tag=tags[i])
         for i, m, o in zip(todo, modules, opts, strict=True)
     ]
-    if len({r.state["step"] for r in runs}) > 1:  # resumed at different steps
+    if len({r.state.step for r in runs}) > 1:  # resumed at different steps
         log.info("checkpoints at different steps; training these runs one after another")
         for i in todo:
             results[i] = train(cfgs[i], outs[i])
         return results
     stacked = Stacked(modules, opts, [cfgs[i] for i in todo])
+    streams = [batches(r.cfg, d, r.state.step) for r in runs]
     stopped = [k for k, r in enumerate(runs) if not r.training]
     for m in modules:
         m.train()
     while len(stopped) < len(runs):
-        batches = [r.batch() for r in runs]
-        x = torch.stack([b[0] for b in batches])  # (K, B, 1, S, S)
-        y = torch.stack([b[1] for b in batches])
-        factor = next(r for r in runs if r.training).lr_factor()  # one schedule, one step
+        xy = [next(s) for s in streams]
+        x = torch.stack([b[0] for b in xy])  # (K, B, 1, S, S)
+        y = torch.stack([b[1] for b in xy])
+        r0 = next(r for r in runs if r.training)  # one schedule, one step
+        factor = lr_factor(r0.cfg.schedule, r0.state.step, r0.cfg.train.steps)
         loss, wrong = stacked.step(x, y, factor, stopped)
         for k, (i, r) in enumerate(zip(todo, runs, strict=True)):
             if not r.training:
                 continue
-            if r.validates_after_step():
+            coming, t = r.state.step + 1, r.cfg.train
+            if coming % t.val_every == 0 or coming == t.steps:  # it validates and checkpoints
                 stacked.to_module(k)
-            r.stepped(loss[k], wrong[k], factor)
+            stepped(r, loss[k], wrong[k])
             if not r.training:  # finished, diverged or collapsed: its result now
                 stopped.append(k)
                 stacked.to_module(k)
-                results[i] = r.finish(group_size=len(runs))
+                results[i] = finish(r, group_size=len(runs))
     return results

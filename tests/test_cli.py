@@ -44,6 +44,7 @@ def one_line_error(r, *fragments):
         assert f in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(bin_dir, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("")
@@ -66,6 +67,7 @@ def test_bad_input_is_one_line_and_exit_2(bin_dir, tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_build_caches_and_preview_shows_originals_above_distorted(bin_dir, mnist_copy, tmp_path):
     r = run(
         bin_dir, "build", "data=rts,tc", "splits=[val]", f"data.root={mnist_copy}", cwd=tmp_path

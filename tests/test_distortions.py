@@ -214,11 +214,11 @@ def test_bad_names_and_values():
     with pytest.raises(StnbenchError, match="seed must be an integer >= 0; got 1.5"):
         data.load("rts", "val", seed=1.5)
     with pytest.raises(StnbenchError, match=r"data.recipe.scale must be \[lo, hi\]"):
-        Recipe.from_dict({"scale": [1.2, 0.7]}, "data.recipe")
+        Recipe.from_dict({"scale": [1.2, 0.7]})
     with pytest.raises(
         StnbenchError, match="unknown key data.recipe.angle; expected one of canvas"
     ):
-        Recipe.from_dict({"angle": 3}, "data.recipe")
+        Recipe.from_dict({"angle": 3})
     with pytest.raises(StnbenchError, match="recipe.tps_sigma must be 0 when corner_sigma is set"):
         Recipe(corner_sigma=1, tps_sigma=1)
     with pytest.raises(StnbenchError, match="recipe.clutter_size must be an integer in"):

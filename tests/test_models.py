@@ -5,13 +5,12 @@ import torch
 from omegaconf import OmegaConf
 
 from stnbench import geometry
-from stnbench.errors import StnbenchError
-from stnbench.models import BUDGET, MODELS, STModel, build, cnn_padding, count, from_config
+from stnbench.cli import load_config
+from stnbench.errors import StnbenchError, describe
+from stnbench.models import BUDGET, MODELS, STModel, build, cnn_padding, count, from_config, is_st
 
 CANVASES = (28, 42, 60)
-COMBOS = [(m, None) for m in ("fcn", "cnn")] + [
-    (m, k) for m in ("st_fcn", "st_cnn") for k in geometry.KINDS
-]
+COMBOS = [(m, k) for m in MODELS for k in (geometry.KINDS if is_st(m) else [None])]
 
 
 def batch(size, b=4, seed=0):
@@ -80,25 +79,21 @@ def test_transformer_options():
     assert (tanh.params(batch(28)[0]) - geometry.identity("affine")).max() <= 1.0
 
 
-def test_config_groups_build_their_models():
+@pytest.mark.parametrize(("model", "kind"), COMBOS)
+def test_config_groups_build_their_models(model, kind):
+    cfg = load_config("stnbench_train", [f"model={model}", f"transform={kind or 'affine'}"])
+    c = OmegaConf.to_container
+    net = from_config(c(cfg.model), c(cfg.transform), 42)
+    assert abs(count(net) / cfg.model.budget - 1) < 0.05
+    assert isinstance(net, STModel) == is_st(model)
+    if is_st(model):
+        assert net.transformer.kind == kind
+
+
+def test_every_registered_model_and_kind_has_a_config():
     conf = importlib.resources.files("stnbench.conf")
-    models = {
-        f.name[:-5]: OmegaConf.load(f)
-        for f in (conf / "model").iterdir()
-        if f.name.endswith(".yaml")
-    }
-    kinds = {
-        f.name[:-5]: OmegaConf.load(f)
-        for f in (conf / "transform").iterdir()
-        if f.name.endswith(".yaml")
-    }
-    assert sorted(models) == sorted(MODELS) and sorted(kinds) == sorted(geometry.KINDS)
-    for name, mcfg in models.items():
-        for kind, tcfg in kinds.items():
-            net = from_config(OmegaConf.to_container(mcfg), OmegaConf.to_container(tcfg), 42)
-            assert abs(count(net) / mcfg.budget - 1) < 0.05
-            if name.startswith("st_"):
-                assert net.transformer.kind == kind
+    for group, names in (("model", MODELS), ("transform", geometry.KINDS)):
+        assert sorted(f.name[:-5] for f in (conf / group).iterdir()) == sorted(names)
 
 
 def test_bad_names_and_options():
@@ -112,15 +107,15 @@ def test_bad_names_and_options():
         build("st_cnn", "shear", 28)
     with pytest.raises(StnbenchError, match="model st_fcn needs a transform"):
         build("st_fcn", None, 28)
-    with pytest.raises(
-        StnbenchError, match="unknown model option 'dropout'; expected one of budget"
-    ):
-        build("cnn", None, 28, dropout=0.5)
     with pytest.raises(StnbenchError, match="unknown sampling mode 'bicubic'"):
         build("st_cnn", "affine", 28, mode="bicubic")
     with pytest.raises(StnbenchError, match="too small for the ST-CNN localisation net"):
         build("st_cnn", "affine", 20)
-    with pytest.raises(StnbenchError, match="model.tanh must be true or false; got 'yes'"):
-        build("st_cnn", "affine", 28, tanh="yes")
     with pytest.raises(StnbenchError, match="budget 1000 is below the smallest such model"):
         build("st_fcn", "affine", 60, budget=1000)
+    # the config refuses what build() would not know: unknown options, wrong types
+    with pytest.raises(Exception) as e:
+        load_config("stnbench_train", ["model=cnn", "model.dropout=0.5"])
+    assert describe(e.value).startswith("unknown key model.dropout; expected one of name, budget")
+    with pytest.raises(StnbenchError, match="model.tanh must be left unset: model=cnn has no"):
+        load_config("stnbench_train", ["model=cnn", "model.tanh=true"])

@@ -142,6 +142,7 @@ def run_cli(bin_dir, *args):
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_exit_2_and_no_table(bin_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     bad = run_folder(tmp_path / "bad", "x")

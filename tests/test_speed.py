@@ -42,6 +42,7 @@ def minor_faults(setting: str) -> int:
     return int(r.stdout)
 
 
+@pytest.mark.slow
 def test_keeping_freed_memory_stops_the_page_faults():
     default, kept = minor_faults("default"), minor_faults("keep")
     # glibc's defaults map each large buffer fresh and fault its pages in again, every step

@@ -44,6 +44,7 @@ def runs(mnist_root, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data", ["plain", "rts"])
 @pytest.mark.parametrize("model", ["cnn", "st_cnn"])
 def test_short_training_ends_well_below_chance(runs, data, model):
@@ -73,6 +74,7 @@ def test_short_training_ends_well_below_chance(runs, data, model):
     assert 380_000 < on_disk["params"] < 420_000 and on_disk["images_per_second"] > 0
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_with_torch_safe_default(runs):
     path, m = runs["plain", "st_cnn"]
     ckpt = torch.load(path / "checkpoint.pt")  # weights_only=True is torch's default
@@ -80,6 +82,7 @@ def test_checkpoint_loads_with_torch_safe_default(runs):
     assert ckpt["state"]["step"] == m["steps"]
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_every_diagnostic(runs):
     path, m = runs["rts", "st_cnn"]
     assert [p.name for p in path.iterdir() if p.is_dir()] == []  # no stray sub-runs
@@ -113,6 +116,7 @@ def test_tensorboard_holds_every_diagnostic(runs):
     assert final == pytest.approx(m["test_error"])
 
 
+@pytest.mark.slow
 def test_cnn_runs_have_no_transform_diagnostics(runs):
     path, _ = runs["plain", "cnn"]
     events = EventAccumulator(str(path))
@@ -121,6 +125,7 @@ def test_cnn_runs_have_no_transform_diagnostics(runs):
     assert not any(t.startswith("theta/") for t in events.Tags()["histograms"])
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_trained_again(runs, caplog):
     path, m = runs["plain", "cnn"]
     before = (path / "metrics.json").stat().st_mtime_ns
@@ -140,6 +145,7 @@ def test_same_seed_same_metrics_other_seed_other_metrics(mnist_root, tmp_path):
     assert [a[k] for k in keys] != [c[k] for k in keys]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run(mnist_root, bin_dir, tmp_path):
     args = [
         *TINY,
@@ -208,6 +214,7 @@ def test_collapse_is_detected_and_stops_the_run(mnist_root, tmp_path):
     assert going["status"] == "collapsed" and going["steps"] == 200  # trained on, still there
 
 
+@pytest.mark.slow
 def test_another_configuration_in_the_same_folder_is_refused(runs):
     from stnbench.errors import StnbenchError
 
@@ -233,18 +240,6 @@ def test_schedules():
     assert lr_factor(const, 12345, 150000) == 1
 
 
-def test_paper_settings_are_the_defaults():
-    cfg = load_config("stnbench_train", [])
-    assert (cfg.optim.name, cfg.optim.lr, cfg.train.steps, cfg.train.batch_size) == (
-        "sgd",
-        0.01,
-        150000,
-        256,
-    )
-    assert (cfg.schedule.name, cfg.schedule.every, cfg.schedule.gamma) == ("step", 50000, 0.1)
-    assert cfg.optim.weight_decay == 0 and cfg.data.name == "rts"
-
-
 BAD = [
     (["data=mnist"], "Could not find 'data/mnist'"),
     (["model=resnet"], "Could not find 'model/resnet'"),
@@ -261,6 +256,11 @@ BAD = [
     (["model.residual=maybe"], "model.residual must be true or false; got 'maybe'"),
     (["model.out_size=0"], "model.out_size must be a positive integer or null; got 0"),
     (["-m", "optim.lr=0.01,0"], "optim.lr must be a number in (0, inf]; got 0"),
+    (["optim.lrr=0.1"], "unknown key optim.lrr; expected one of name, lr, momentum"),
+    (["train.steps=abc"], "train.steps must be an integer >= 1; got 'abc'"),
+    (["data.recipe.canvass=30"], "unknown key data.recipe.canvass; expected one of canvas,"),
+    (["model=cnn", "model.tanh=true"], "model.tanh must be left unset: model=cnn has no"),
+    (["-m", "optim.lr=0.01,fast"], "optim.lr must be a number in (0, inf]; got 'fast'"),
 ]
 
 
@@ -270,6 +270,7 @@ def cli(bin_dir, cwd, *args):
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "message"), BAD)
 def test_bad_input_is_one_line_exit_2_and_no_run(bin_dir, tmp_path, overrides, message):
     r = cli(bin_dir, tmp_path, *overrides)
@@ -280,6 +281,7 @@ def test_bad_input_is_one_line_exit_2_and_no_run(bin_dir, tmp_path, overrides, m
     assert not (tmp_path / "outputs").exists()  # no run folder, no metrics.json
 
 
+@pytest.mark.slow
 def test_data_root_that_is_a_file_and_cuda_without_gpu(bin_dir, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("")
@@ -292,6 +294,7 @@ def test_data_root_that_is_a_file_and_cuda_without_gpu(bin_dir, tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_hydra_help_cfg_and_shell_completion(bin_dir, tmp_path):
     def run(*args):
         return cli(bin_dir, tmp_path, *args)

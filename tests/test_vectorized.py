@@ -26,6 +26,7 @@ TINY = [
     "train.val_size=500",
     "schedule=cosine",
 ]
+pytestmark = pytest.mark.slow  # every test here trains
 LOSS_RTOL = 1e-5  # per-step training loss, over the first steps
 ERROR_ATOL = 1.5  # final test and validation error (points), after 40 steps
 

@@ -9,16 +9,19 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from stnbench.errors import StnbenchError, one_line
+from stnbench import config
+from stnbench.errors import StnbenchError, describe
 
 CONFIG_MODULE = "stnbench.conf"
 
 
 def load_config(name: str, overrides: list[str], with_hydra: bool = False) -> DictConfig:
-    """Compose a primary config from the installed stnbench.conf with Hydra overrides (and
-    Hydra's own node, ``hydra``, when ``with_hydra``)."""
+    """Compose a primary config from the installed stnbench.conf with Hydra overrides and check
+    it (stnbench.config.check); with Hydra's own node, ``hydra``, when ``with_hydra``."""
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose(config_name=name, overrides=overrides, return_hydra_config=with_hydra)
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=with_hydra)
+    config.check(cfg)
+    return cfg
 
 
 def run(prog: str, fn: Callable[[], object]) -> int:
@@ -27,7 +30,6 @@ def run(prog: str, fn: Callable[[], object]) -> int:
     try:
         fn()
     except (StnbenchError, HydraException, OmegaConfBaseException) as e:
-        message = one_line(e).split(" Config search path:")[0]  # Hydra's lists its search path
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
         return 2
     return 0

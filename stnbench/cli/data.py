@@ -4,10 +4,11 @@ import sys
 import time
 from pathlib import Path
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
 from stnbench.cli import load_config, run
-from stnbench.errors import StnbenchError
 
 # torch and torchvision are imported inside the actions: --help and config errors answer at once
 
@@ -35,14 +36,10 @@ def fetch(cfg: DictConfig) -> None:
 
 def _dataset(cfg: DictConfig) -> dict:
     """load()'s keyword arguments for the configured dataset, its recipe as composed."""
-    from omegaconf import OmegaConf
-
     from stnbench import device
-    from stnbench.distortions import Recipe
+    from stnbench.train import recipe_of
 
-    recipe = cfg.data.recipe
-    if recipe is not None:
-        recipe = Recipe.from_dict(OmegaConf.to_container(recipe), "data.recipe")
+    recipe = recipe_of(cfg)
     return dict(
         name=cfg.data.name,
         root=cfg.data.root,
@@ -74,8 +71,6 @@ def preview(cfg: DictConfig) -> None:
     from stnbench import data
 
     n, split = cfg.preview.n, cfg.preview.split
-    if not isinstance(n, int) or n < 1:
-        raise StnbenchError(f"preview.n must be a positive integer; got {n!r}")
     rows = [data.load("plain", split, cfg.data.root)[0][:n]]
     if cfg.data.name != "plain":  # originals above, the distorted dataset below
         rows.append(data.load(split=split, **_dataset(cfg))[0][:n])
@@ -104,14 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    # data=a,b,c (Hydra's sweep syntax) runs the action once per dataset
-    names = [o.split("=", 1)[1].split(",") for o in overrides if o.startswith("data=")]
-    rest = [o for o in overrides if not o.startswith("data=")]
-    runs = [[f"data={name}", *rest] for name in names[-1]] if names else [rest]
 
-    def body():
-        for run_overrides in runs:
-            ACTIONS[action](load_config("stnbench_data", run_overrides))
+    def body():  # data=a,b,c (Hydra's sweep syntax) runs the action once per dataset
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        (jobs,) = BasicSweeper.split_arguments(parsed, None) or [[overrides]]
+        for job in [load_config("stnbench_data", job) for job in jobs]:  # all checked first
+            ACTIONS[action](job)
 
     return run(PROG, body)
 

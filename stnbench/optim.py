@@ -1,0 +1,55 @@
+"""Optimisers and learning-rate schedules by name: one registration each.
+
+``SCHEDULES[name](schedule, step, total)`` is the multiplier of the base learning rate at
+``step`` (0-based) of ``total``; ``make_optimizer`` builds the named optimiser with the
+localisation net in a parameter group of its own (``loc_lr_mult`` times the learning rate).
+"""
+
+import math
+
+import torch
+from torch import nn
+
+SCHEDULES = {
+    "constant": lambda s, step, total: 1.0,
+    "step": lambda s, step, total: s.gamma ** (step // s.every),
+    "exponential": lambda s, step, total: s.gamma ** (step / s.every),
+    "cosine": lambda s, step, total: (
+        s.floor + (1 - s.floor) * (1 + math.cos(math.pi * step / total)) / 2
+    ),
+}
+
+OPTIMIZERS = {
+    "sgd": lambda groups, o: torch.optim.SGD(
+        groups, momentum=o.momentum, weight_decay=o.weight_decay
+    ),
+    "adam": lambda groups, o: torch.optim.Adam(
+        groups, betas=(o.momentum, 0.999), weight_decay=o.weight_decay
+    ),  # momentum is Adam's beta1
+}
+
+
+def lr_factor(schedule, step: int, total: int) -> float:
+    """The schedule's multiplier of the base learning rate at ``step`` (0-based)."""
+    return SCHEDULES[schedule.name](schedule, step, total)
+
+
+def is_loc(name: str) -> bool:
+    """Whether a parameter (by its name in the model) belongs to a localisation net."""
+    return name.startswith("transformer.")
+
+
+def make_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
+    """The configured optimiser; the localisation net gets ``loc_lr_mult`` times the lr."""
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if not is_loc(n)], "base_lr": optim.lr}]
+    if loc := [p for n, p in named if is_loc(n)]:
+        groups.append({"params": loc, "base_lr": optim.lr * optim.loc_lr_mult})
+    for g in groups:
+        g["lr"] = g["base_lr"]
+    return OPTIMIZERS[optim.name](groups, optim)
+
+
+def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = group["base_lr"] * factor
