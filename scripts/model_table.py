@@ -8,13 +8,13 @@ docs/models.md holds its output for the default budget.
 import argparse
 
 from stnbench import geometry
-from stnbench.models import BUDGET, STModel, build, count
+from stnbench.models import BUDGET, MODELS, STModel, build, count, is_st
 
 CANVASES = (28, 42, 60)
-ROWS = [("FCN", "fcn", None), ("CNN", "cnn", None)] + [
-    (f"{m.upper().replace('_', '-')} {k}", m, k)
-    for m in ("st_fcn", "st_cnn")
-    for k in geometry.KINDS
+ROWS = [
+    (f"{arch.label} {k}" if k else arch.label, m, k)
+    for m, arch in MODELS.items()
+    for k in (geometry.KINDS if is_st(m) else [None])
 ]
 
 

@@ -30,7 +30,7 @@ from PIL import Image  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from stnbench import data, models, pose, report  # noqa: E402
-from stnbench.train import recipe_of  # noqa: E402
+from stnbench.config import recipe_of  # noqa: E402
 
 TAG = "transform/inputs_and_outputs"
 

@@ -6,9 +6,10 @@ an unknown key or a value of the wrong type while it composes (before any folder
 must agree (stnbench.errors.Checked). Errors read ``<key> must be <expected>; got <value>``.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -79,6 +80,12 @@ class Optim(Checked):
     momentum: float = setting(0.9, "a number in [0, 1)", number(0, 1, hi_open=True))
     weight_decay: float = setting(0.0, "a number >= 0", number(0))
     loc_lr_mult: float = setting(1.0, "a number >= 0", number(0))  # the localisation net's lr
+    nesterov: bool = setting(False, BOOL)  # Nesterov momentum (sgd)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise self.bad("nesterov", "false unless optim=sgd with momentum > 0")
 
 
 @dataclass
@@ -87,7 +94,9 @@ class Schedule(Checked):
     name: str = setting("step", f"one of {', '.join(SCHEDULES)}", one_of(*SCHEDULES))
     every: int = setting(50_000, POSITIVE, integer(1))  # step, exponential
     gamma: float = setting(0.1, "a number in (0, 1]", number(0, 1, lo_open=True))
-    floor: float = setting(0.0, "a number in [0, 1]", number(0, 1))  # cosine
+    floor: float = setting(0.0, "a number in [0, 1]", number(0, 1))  # cosine, onecycle
+    # linear warm-up over this fraction of train.steps, before any schedule (onecycle: 0.2)
+    warmup: float = setting(0.0, "a number in [0, 1)", number(0, 1, hi_open=True))
 
 
 @dataclass
@@ -108,6 +117,10 @@ class Train(Checked):
     eval_batch_size: int = setting(1000, POSITIVE, integer(1))
     log_every: int = setting(100, POSITIVE, integer(1))
     collapse: Collapse = field(default_factory=Collapse)
+    label_smoothing: float = setting(0.0, "a number in [0, 1)", number(0, 1, hi_open=True))
+    # exponential moving average of the weights, used for validation, test and diagnostics:
+    # its decay per step (0: off); it warms up as min(ema, (1 + t) / (10 + t)) at step t
+    ema: float = setting(0.0, "a number in [0, 1)", number(0, 1, hi_open=True))
     progress: Any = setting("auto", "auto, true or false", one_of("auto", True, False))
 
 
@@ -133,11 +146,8 @@ class TrainJob(Checked):
                 f"train.batch_size ({self.train.batch_size}) is larger than the training set "
                 f"({n} images; data.train_size)"
             )
-        if self.model.name == "st_cnn" and self.data.canvas < DIGIT:
-            raise StnbenchError(
-                f"data.recipe.canvas must be >= {DIGIT} for the ST-CNN localisation net; "
-                f"got {self.data.canvas}"
-            )
+        with torch.device("meta"):  # what only building the model tells: shapes, the budget
+            models.from_config(asdict(self.model), asdict(self.transform), self.data.canvas)
 
 
 @dataclass
@@ -185,10 +195,19 @@ def folder_excludes() -> list[str]:
     return ["data", "model", "transform", "seed", *NO_EFFECT]
 
 
+def recipe_of(cfg: DictConfig) -> Recipe | None:
+    """The composed config's distortion recipe (None for plain MNIST)."""
+    r = cfg.data.recipe
+    return None if r is None else Recipe(**OmegaConf.to_container(r))
+
+
 def recorded(cfg: dict) -> dict:
-    """What identifies a run: its config without NO_EFFECT settings, the transform only if the
-    model has one. Two commands train the same run exactly when these are equal."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items() if k != "hydra"}
+    """What identifies a run: its config completed with the schema's defaults (so a config
+    written before a setting existed reads as its default), without NO_EFFECT settings, the
+    transform only if the model has one. Two commands train the same run exactly when these are
+    equal."""
+    cfg = {k: v for k, v in cfg.items() if k != "hydra"}
+    out = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(TrainJob), cfg))
     for key in NO_EFFECT:
         *parents, last = key.split(".")
         node = out

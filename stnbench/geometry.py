@@ -55,6 +55,7 @@ class Kind:
     param_names: tuple[str, ...]  # one per parameter, in layout order; P = len(param_names)
     identity: Callable[..., Tensor]
     grid: Callable[[Tensor, tuple[int, int]], Tensor]
+    label: str  # in table rows: "ST-CNN Aff"
 
     @property
     def num_params(self) -> int:
@@ -182,22 +183,25 @@ KINDS: dict[str, Kind] = {
             ("a11", "a12", "tx", "a21", "a22", "ty"),
             _constant(1, 0, 0, 0, 1, 0),
             _affine_grid,
+            "Aff",
         ),
-        Kind("attention", ("s", "tx", "ty"), _constant(1, 0, 0), _attention_grid),
+        Kind("attention", ("s", "tx", "ty"), _constant(1, 0, 0), _attention_grid, "Att"),
         Kind(
             "projective",
             ("h11", "h12", "h13", "h21", "h22", "h23", "h31", "h32"),
             _constant(1, 0, 0, 0, 1, 0, 0, 0),
             _projective_grid,
+            "Proj",
         ),
-        Kind("tps", _TPS_NAMES, _tps_identity, _tps_grid),
+        Kind("tps", _TPS_NAMES, _tps_identity, _tps_grid, "TPS"),
         Kind(
             "similarity",
             ("log_scale", "rotation", "tx", "ty"),
             _constant(0, 0, 0, 0),
             _similarity_grid,
+            "Sim",
         ),
-        Kind("rigid", ("rotation", "tx", "ty"), _constant(0, 0, 0), _rigid_grid),
+        Kind("rigid", ("rotation", "tx", "ty"), _constant(0, 0, 0), _rigid_grid, "Rigid"),
     )
 }
 

@@ -67,13 +67,14 @@ class Arch:
 
     classifier: Callable[[int, int, int], nn.Module]  # (input side, width, classes) -> module
     loc: str | None  # a key of stnbench.transformer.LOCALISATION
+    label: str  # in table rows
 
 
 MODELS = {
-    "fcn": Arch(fcn, None),
-    "cnn": Arch(cnn, None),
-    "st_fcn": Arch(fcn, "fcn"),
-    "st_cnn": Arch(cnn, "cnn"),
+    "fcn": Arch(fcn, None, "FCN"),
+    "cnn": Arch(cnn, None, "CNN"),
+    "st_fcn": Arch(fcn, "fcn", "ST-FCN"),
+    "st_cnn": Arch(cnn, "cnn", "ST-CNN"),
 }
 ST_OPTIONS = ("out_size", "pool", "mode", "residual", "tanh")  # options of the transformer
 

@@ -12,6 +12,10 @@ from torch import nn
 
 SCHEDULES = {
     "constant": lambda s, step, total: 1.0,
+    # one-cycle: up over the warm-up (lr_factor), then linearly down to floor at the end
+    "onecycle": lambda s, step, total: (
+        1 - (1 - s.floor) * max(0, step - _warm(s, total)) / max(1, total - _warm(s, total))
+    ),
     "step": lambda s, step, total: s.gamma ** (step // s.every),
     "exponential": lambda s, step, total: s.gamma ** (step / s.every),
     "cosine": lambda s, step, total: (
@@ -21,7 +25,7 @@ SCHEDULES = {
 
 OPTIMIZERS = {
     "sgd": lambda groups, o: torch.optim.SGD(
-        groups, momentum=o.momentum, weight_decay=o.weight_decay
+        groups, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
     ),
     "adam": lambda groups, o: torch.optim.Adam(
         groups, betas=(o.momentum, 0.999), weight_decay=o.weight_decay
@@ -29,9 +33,15 @@ OPTIMIZERS = {
 }
 
 
+def _warm(schedule, total: int) -> int:
+    return round(schedule.warmup * total)  # warm-up steps
+
+
 def lr_factor(schedule, step: int, total: int) -> float:
-    """The schedule's multiplier of the base learning rate at ``step`` (0-based)."""
-    return SCHEDULES[schedule.name](schedule, step, total)
+    """The schedule's multiplier of the base learning rate at ``step`` (0-based): a linear
+    warm-up from 1/w to 1 over the first w = warmup x total steps, times the schedule's own."""
+    warm = min(1.0, (step + 1) / _warm(schedule, total)) if _warm(schedule, total) else 1.0
+    return warm * SCHEDULES[schedule.name](schedule, step, total)
 
 
 def is_loc(name: str) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from stnbench import curves, geometry, models
 from stnbench.errors import StnbenchError
 from stnbench.files import atomic_path
 
@@ -30,15 +31,6 @@ ROWS = {
     ("st_cnn", "affine"): "ST-CNN Aff",
     ("st_cnn", "projective"): "ST-CNN Proj",
     ("st_cnn", "tps"): "ST-CNN TPS",
-}
-MODEL_LABELS = {"fcn": "FCN", "cnn": "CNN", "st_fcn": "ST-FCN", "st_cnn": "ST-CNN"}
-TRANSFORM_LABELS = {
-    "affine": "Aff",
-    "projective": "Proj",
-    "tps": "TPS",
-    "attention": "Att",
-    "similarity": "Sim",
-    "rigid": "Rigid",
 }
 COLUMNS = {"r": "R", "rts": "RTS", "p": "P", "e": "E", "tc": "TC"}  # the paper's, in its order
 
@@ -60,6 +52,9 @@ LEGEND = (
 )
 REQUIRED = ("status", "data", "model", "lr", "seed")  # what every run's row needs
 STATUSES = ("ok", "collapsed", "diverged", "failed", "unfinished")
+# what a cell's brackets count: the runs that did not end ok, and the runs (any status) whose
+# transformer stopped following its input (metrics.json's transformer_dead)
+FLAGS = {**{s: s for s in STATUSES[1:]}, "dead": "dead transformer"}
 # Settings that should agree within one cell; the report warns where they do not.
 BUDGET = ("optim", "schedule", "planned_steps", "batch_size", "train_size", "loc_lr_mult")
 
@@ -71,9 +66,10 @@ def row_label(model: str, transform: str | None, residual=False, tanh=False, loc
     transform = transform if st else None
     label = ROWS.get((model, transform))
     if label is None:
-        label = MODEL_LABELS.get(model, model)
+        arch, kind = models.MODELS.get(model), geometry.KINDS.get(transform)
+        label = arch.label if arch else model  # a model or kind no longer registered: its name
         if st:
-            label += " " + TRANSFORM_LABELS.get(transform, transform)
+            label += " " + (kind.label if kind else transform)
     marks = ["tanh" if tanh else "residual"] if tanh or residual else []
     if st and not pd.isna(loc_lr_mult) and loc_lr_mult != 1:  # None / NaN: not recorded
         marks.append(f"loc lr x{loc_lr_mult:g}")
@@ -115,18 +111,19 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
                     f"{path}: not a stnbench metrics.json ({problem}); expected the JSON a run "
                     "writes"
                 )
-            records[folder] = {**m, "path": str(path.parent)}
+            records[folder] = {**m, "path": str(path.parent), "source": str(d)}
         for hydra_dir in sorted(d.rglob(".hydra")):
             folder = hydra_dir.parent.resolve()
             if folder not in records and (m := _unfinished(hydra_dir.parent)) is not None:
-                records[folder] = {**m, "path": str(hydra_dir.parent)}
+                records[folder] = {**m, "path": str(hydra_dir.parent), "source": str(d)}
     if not records:
         raise StnbenchError(
             f"no runs below {', '.join(map(str, dirs))} (expected metrics.json files that "
             "stnbench-train writes)"
         )
     runs = pd.DataFrame(list(records.values()))
-    for key in ("transform", "residual", "tanh", "loc_lr_mult", "test_error", "val_error"):
+    for key in ("transform", "residual", "tanh", "loc_lr_mult", "test_error", "val_error",
+                "transformer_dead"):  # fmt: skip
         if key not in runs:
             runs[key] = None
     columns = [runs[k] for k in ("model", "transform", "residual", "tanh", "loc_lr_mult")]
@@ -155,6 +152,7 @@ def _stats(group: pd.DataFrame) -> dict:
     }
     for status in STATUSES[1:]:
         out[status] = int((group.status == status).sum())
+    out["dead"] = int(group.transformer_dead.eq(True).sum())
     return out
 
 
@@ -186,7 +184,7 @@ def cells(runs: pd.DataFrame, per_lr: pd.DataFrame | None = None) -> pd.DataFram
             cell = {"row": row, "data": data}
             if options.empty:
                 cell.update(mean=math.nan, std=math.nan, n=0, lr=math.nan, lrs=0)
-                cell.update({s: 0 for s in STATUSES[1:]})
+                cell.update(dict.fromkeys(FLAGS, 0))
             else:
                 best = options.sort_values(["score", "lr"]).iloc[0]
                 cell.update(best.drop(["row", "data", "score"]).to_dict())
@@ -217,7 +215,7 @@ def _fmt(x: float, digits=2) -> str:
 
 
 def _flags(cell) -> str:
-    return ", ".join(f"{int(cell[s])} {s}" for s in STATUSES[1:] if cell[s])
+    return ", ".join(f"{int(cell[k])} {text}" for k, text in FLAGS.items() if cell[k])
 
 
 def _ours(cell, pm="±") -> str:
@@ -395,8 +393,9 @@ def _write_csv(path: Path, frame: pd.DataFrame, index: bool) -> None:
 
 
 def write(runs: pd.DataFrame, out: str | Path) -> list[Path]:
-    """Write the table (csv, md, tex), every run (runs.csv) and, where learning rates differ,
-    the per-lr table and plot; return the paths written."""
+    """Write the table (csv, md, tex), every run (runs.csv), the learning curves where runs
+    logged validations (stnbench.curves) and, where learning rates differ, the per-lr table and
+    plot; return the paths written."""
     out = Path(out)
     per_lr = by_lr(runs)
     table = cells(runs, per_lr)
@@ -406,6 +405,9 @@ def write(runs: pd.DataFrame, out: str | Path) -> list[Path]:
         "table.tex": lambda p: _write_text(p, latex(table)),
         "runs.csv": lambda p: _write_csv(p, runs, index=False),
     }
+    if not (frame := curves.read(runs)).empty:
+        files["curves.csv"] = lambda p: _write_csv(p, frame, index=False)
+        files["curves.png"] = lambda p: curves.plot(frame, p)
     if runs.lr.nunique() > 1:
         lr_csv = per_lr.rename(columns={"score": "val_score"})
         files["table_lr.csv"] = lambda p: _write_csv(p, lr_csv, index=False)

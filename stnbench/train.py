@@ -15,22 +15,26 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from stnbench import allocator, data, device, geometry, models, tblog
-from stnbench.config import recorded
+from stnbench.config import recipe_of, recorded
 from stnbench.distortions import DIGIT, Recipe
-from stnbench.errors import StnbenchError
+from stnbench.errors import StnbenchError, describe
 from stnbench.files import atomic_path
 from stnbench.optim import lr_factor, make_optimizer, set_lr
+from stnbench.transformer import DEAD_SPREAD, liveness
 
 log = logging.getLogger(__name__)
 HPARAMS = ("data", "model", "optim", "lr", "loc_lr_mult", "schedule", "batch_size", "train_size")
@@ -51,6 +55,8 @@ class State:
     seconds: float = 0.0  # wall time of the loop, validation included
     eval_seconds: float = 0.0
     last_val: list | None = None  # [step, loss, error] of the latest validation
+    transform_spread: float | None = None  # ST models, latest validation: see transformer.liveness
+    loc_dead_units: float | None = None  # share of the localisation net's units that never fired
 
 
 @dataclass
@@ -64,11 +70,6 @@ class Splits:
     x_test: Tensor
     y_test: Tensor
     canvas: int
-
-
-def recipe_of(cfg: DictConfig) -> Recipe | None:
-    r = cfg.data.recipe
-    return None if r is None else Recipe(**OmegaConf.to_container(r))
 
 
 def settings(cfg: DictConfig) -> dict:
@@ -145,14 +146,20 @@ def batches(cfg: DictConfig, d: Splits, start: int):
         epoch = step // per_epoch
         order = torch.randperm(n, generator=torch.Generator().manual_seed(
             cfg.seed * 1_000_003 + epoch)).to(dev)  # fmt: skip
-        x = d.x_train
-        if c.fresh:
-            x = data.fresh(c.name, "train", epoch, c.root, c.seed, dev, recipe_of(cfg))[0]
-            x = x[:n].to(dev)
+        x = (
+            fresh_draw(c.name, epoch, c.root, c.seed, dev, recipe_of(cfg))[:n]
+            if c.fresh
+            else d.x_train
+        )
         for j in range(step % per_epoch, per_epoch):
             idx = order[j * b : (j + 1) * b]
             yield x[idx], d.y_train[idx]
         step = (epoch + 1) * per_epoch
+
+
+@lru_cache(maxsize=1)  # the runs of a vectorised group share each epoch's draw
+def fresh_draw(name: str, epoch: int, root, seed: int, dev, rec: Recipe | None) -> Tensor:
+    return data.fresh(name, "train", epoch, root, seed, dev, rec)[0].to(dev)
 
 
 def build_model(cfg: DictConfig, canvas: int, dev: torch.device) -> nn.Module:
@@ -161,8 +168,7 @@ def build_model(cfg: DictConfig, canvas: int, dev: torch.device) -> nn.Module:
     throughput on the 2-core CPU; measured with scripts/bench_train.py)."""
     torch.manual_seed(cfg.seed)
     c = OmegaConf.to_container
-    model = models.from_config(c(cfg.model), c(cfg.transform), canvas)
-    return model.to(dev, memory_format=torch.channels_last)
+    return prepare(models.from_config(c(cfg.model), c(cfg.transform), canvas), dev)
 
 
 def prepare(model: nn.Module, dev: torch.device) -> nn.Module:
@@ -170,19 +176,25 @@ def prepare(model: nn.Module, dev: torch.device) -> nn.Module:
     return model.to(dev, memory_format=torch.channels_last)
 
 
-def resume(out: Path, cfg: DictConfig, model: nn.Module, opt) -> State:
-    """The state of the run in ``out`` (its model and optimiser loaded), or a fresh one; a
-    folder holding a run of another configuration is refused."""
+def resume(out: Path, cfg: DictConfig, model: nn.Module, opt, ema=None) -> State:
+    """The state of the run in ``out`` (its model, optimiser and average loaded), or a fresh
+    one; a folder holding a run of another configuration is refused."""
     path = out / "checkpoint.pt"
     if not path.exists():
         return State()
     ckpt = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
-    if diff := difference(recorded(ckpt["config"]), recorded(OmegaConf.to_container(cfg))):
+    try:
+        diff = difference(recorded(ckpt["config"]), recorded(OmegaConf.to_container(cfg)))
+    except OmegaConfBaseException as e:  # a setting this version does not know
+        diff = describe(e)
+    if diff:
         raise StnbenchError(
             f"{out} holds a run of another configuration ({diff}); choose another output dir"
         )
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
     log.info("resuming %s from step %d", out, ckpt["state"]["step"])
     return State(**ckpt["state"])
 
@@ -199,20 +211,22 @@ def difference(saved: dict, current: dict, prefix: str = "") -> str | None:
     return None
 
 
-def save_checkpoint(out: Path, cfg: DictConfig, model: nn.Module, opt, state: State) -> None:
-    blob = {"config": OmegaConf.to_container(cfg), "model": model.state_dict(),
-            "optimizer": opt.state_dict(), "state": vars(state)}  # fmt: skip
-    with atomic_path(out / "checkpoint.pt") as tmp:
+def save_checkpoint(r: "Run") -> None:
+    blob = {"config": OmegaConf.to_container(r.cfg), "model": r.model.state_dict(),
+            "optimizer": r.opt.state_dict(), "state": vars(r.state)}  # fmt: skip
+    if r.ema is not None:
+        blob["ema"] = r.ema.state_dict()
+    with atomic_path(r.out / "checkpoint.pt") as tmp:
         torch.save(blob, tmp)
 
 
 # --- steps and evaluation -----------------------------------------------------------------------
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor):
+def train_step(model: nn.Module, opt, x: Tensor, y: Tensor, label_smoothing: float = 0.0):
     """One optimiser step; the loss and the number of wrong predictions, left on the device."""
     logits = model(x)
-    loss = F.cross_entropy(logits, y)
+    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -231,9 +245,16 @@ def evaluate(fn, x: Tensor, y: Tensor, batch: int) -> tuple[float, float]:
     return loss.item() / len(x), 100.0 * wrong.item() / len(x)
 
 
-@torch.no_grad()
-def predicted_params(model: models.STModel, x: Tensor, batch: int) -> Tensor:
-    return torch.cat([model.transformer.params(x[i : i + batch]) for i in range(0, len(x), batch)])
+def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of the model's weights (None when decay is 0); its decay
+    warms up, min(decay, (1 + t) / (10 + t)) at its t-th update, so early averages are not stale."""
+    if not decay:
+        return None
+
+    def update(ema: list[Tensor], current: list[Tensor], t: Tensor) -> None:
+        torch._foreach_lerp_(ema, current, 1 - min(decay, (1 + int(t)) / (10 + int(t))))
+
+    return AveragedModel(model, multi_avg_fn=update)
 
 
 # --- bookkeeping --------------------------------------------------------------------------------
@@ -252,6 +273,7 @@ class Run:
     state: State
     writer: SummaryWriter
     bar: tqdm
+    ema: AveragedModel | None = None
     tag: str = ""  # before each log line (which run of a group it is)
     loss_sum: Tensor | float = 0.0  # left on the device between log lines
     wrong_sum: Tensor | int = 0
@@ -263,18 +285,24 @@ class Run:
     def training(self) -> bool:
         return self.state.step < self.cfg.train.steps and self.state.status == "ok"
 
+    @property
+    def evaluated(self) -> nn.Module:
+        """The model that validation, test and the diagnostics see: the average, if kept."""
+        return self.model if self.ema is None else self.ema.module
+
 
 def start(cfg: DictConfig, out: Path, d: Splits, model, opt, progress=False, tag="") -> Run:
     """A run's bookkeeping, resumed from its checkpoint if it has one."""
     out = Path(out)
-    state = resume(out, cfg, model, opt)
+    ema = make_ema(model, cfg.train.ema)
+    state = resume(out, cfg, model, opt, ema)
     writer = SummaryWriter(str(out), purge_step=state.step or None)
     if state.step == 0:
         text = f"{models.count(model):,} learnable parameters\n\n    {model}"
         writer.add_text("model/params", text)
     bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not progress, unit="step",
                dynamic_ncols=True, leave=False)  # fmt: skip
-    return Run(cfg, out, model, opt, d, state, writer, bar, tag)
+    return Run(cfg, out, model, opt, d, state, writer, bar, ema, tag)
 
 
 def clock(r: Run) -> None:
@@ -284,6 +312,11 @@ def clock(r: Run) -> None:
     r.t_mark = now
 
 
+def due(every: int, step: int, total: int) -> bool:
+    """Whether step (1-based) logs or validates: every ``every`` steps, and at the last."""
+    return step % every == 0 or step == total
+
+
 def stepped(r: Run, loss: Tensor, wrong: Tensor) -> None:
     """After a step's update: count it, log, validate and checkpoint when due."""
     t, state = r.cfg.train, r.state
@@ -291,16 +324,19 @@ def stepped(r: Run, loss: Tensor, wrong: Tensor) -> None:
     r.wrong_sum = r.wrong_sum + wrong
     r.since_log += 1
     state.step += 1
+    if r.ema is not None:
+        r.ema.update_parameters(r.model)
     r.bar.update()
-    if state.step % t.log_every == 0 or state.step == t.steps:
+    if due(t.log_every, state.step, t.steps):
         log_training(r)
-    if state.status == "ok" and (state.step % t.val_every == 0 or state.step == t.steps):
+    if state.status == "ok" and due(t.val_every, state.step, t.steps):
+        clock(r)
         t_val = time.perf_counter()
         validate(r)
         state.eval_seconds += time.perf_counter() - t_val
         r.t_log += time.perf_counter() - t_val  # validation is not training throughput
         clock(r)
-        save_checkpoint(r.out, r.cfg, r.model, r.opt, state)
+        save_checkpoint(r)
 
 
 def log_training(r: Run) -> None:
@@ -323,26 +359,41 @@ def log_training(r: Run) -> None:
 def validate(r: Run) -> None:
     """Validation error (and, for ST models, the transformer's diagnostics) to TensorBoard and
     the log; the best model, divergence and collapse into the state."""
-    model, d, t, state, writer, step = r.model, r.d, r.cfg.train, r.state, r.writer, r.state.step
+    model, d, t, state, writer, step = (
+        r.evaluated,
+        r.d,
+        r.cfg.train,
+        r.state,
+        r.writer,
+        r.state.step,
+    )
     model.eval()
     loss, err = evaluate(model, d.x_val, d.y_val, t.eval_batch_size)
     writer.add_scalar("val/loss", loss, step)
     writer.add_scalar("val/error", err, step)
+    writer.add_scalar("time/seconds", state.seconds, step)  # the loop's wall time so far
     line = f"step {step}: val loss {loss:.4f}, error {err:.2f}%"
-    if isinstance(model, models.STModel):
+    if models.is_st(r.cfg.model.name):
         _, err_raw = evaluate(model.untransformed, d.x_val, d.y_val, t.eval_batch_size)
         writer.add_scalar("val/error_untransformed", err_raw, step)
         kind = model.transformer.kind
-        params = predicted_params(model, d.x_val, t.eval_batch_size)  # (N, P)
+        params, fired = liveness(model.transformer, d.x_val, t.eval_batch_size)  # (N, P), (U,)
         distance = (params - model.transformer.identity).norm(dim=1).mean().item()
         writer.add_scalar("transform/identity_distance", distance, step)
+        spread = params.std(0)  # (P,): how much each parameter follows the input
         for i, name in enumerate(geometry.param_names(kind)):
             writer.add_histogram(f"theta/{name}", params[:, i], step)
+            writer.add_scalar(f"transform_spread/{name}", spread[i], step)
+        state.transform_spread = spread.max().item()
+        state.loc_dead_units = 1 - fired.float().mean().item()
+        writer.add_scalar("transform/spread", state.transform_spread, step)
+        writer.add_scalar("transform/dead_units", state.loc_dead_units, step)
         with torch.no_grad():
             shown, p = model.transform(d.x_val[:8])
         panel = tblog.transform_panel(d.x_val[:8], shown, kind, p)
         writer.add_image("transform/inputs_and_outputs", panel, step)
-        line += f" (untransformed {err_raw:.2f}%), distance from identity {distance:.3f}"
+        line += f" (untransformed {err_raw:.2f}%), distance from identity {distance:.3f}, "
+        line += f"spread {state.transform_spread:.2g}, dead units {state.loc_dead_units:.0%}"
     log.info("%s%s", r.tag, line)
     model.train()
     state.last_val = [step, loss, err]
@@ -368,7 +419,7 @@ def finish(r: Run, **extra) -> dict:
     """The final and best-validation models on the test set; metrics.json, written last."""
     clock(r)
     r.bar.close()
-    model, d, t, state, cfg = r.model, r.d, r.cfg.train, r.state, r.cfg
+    model, d, t, state, cfg = r.evaluated, r.d, r.cfg.train, r.state, r.cfg
     if state.status == "ok" and state.streak >= t.collapse.patience:  # stayed near chance
         state.status, state.reason = "collapsed", f"near chance since step {state.collapsed_at}"
     model.eval()
@@ -379,7 +430,7 @@ def finish(r: Run, **extra) -> dict:
         else:
             final["val_loss"], final["val_error"] = evaluate(model, d.x_val, d.y_val, batch)
         final["test_loss"], final["test_error"] = evaluate(model, d.x_test, d.y_test, batch)
-        if isinstance(model, models.STModel):
+        if models.is_st(cfg.model.name):
             _, final["test_error_untransformed"] = evaluate(
                 model.untransformed, d.x_test, d.y_test, batch
             )
@@ -400,12 +451,17 @@ def finish(r: Run, **extra) -> dict:
         "best_step": state.best_step if best_test is not None else None,
         "test_error_untransformed": final.get("test_error_untransformed"),
         "collapsed_at": state.collapsed_at,
+        "transform_spread": state.transform_spread,  # at the last validation (ST models)
+        "loc_dead_units": state.loc_dead_units,
+        "transformer_dead": None
+        if state.transform_spread is None
+        else state.transform_spread < DEAD_SPREAD,
         "params": models.count(model),
         "steps": state.step,
         "seconds": round(state.seconds, 2),
         "images_per_second": round(state.step * t.batch_size / train_seconds, 1),
         **settings(cfg),
-        "device": str(d.x_train.device),
+        "device": str(device.resolve(cfg.device)),
         **extra,
     }
     hparam = {k: metrics[k] for k in HPARAMS} | {"seed": metrics["seed"]}
@@ -438,6 +494,6 @@ def train(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
         while r.training:
             x, y = next(stream)
             set_lr(opt, lr_factor(cfg.schedule, r.state.step, cfg.train.steps))
-            loss, wrong = train_step(model, opt, x, y)
+            loss, wrong = train_step(model, opt, x, y, cfg.train.label_smoothing)
             stepped(r, loss, wrong)
         return finish(r)

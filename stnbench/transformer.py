@@ -98,3 +98,32 @@ class SpatialTransformer(nn.Module):
         p = self.params(x)  # (B, P)
         g = geometry.grid(self.kind, p, (self.out_size, self.out_size))  # (B, out, out, 2)
         return geometry.sample(x, g, self.mode), p
+
+
+DEAD_SPREAD = 1e-5  # a transformer whose every parameter varies less than this is dead
+
+
+@torch.no_grad()
+def liveness(t: SpatialTransformer, x: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """The parameters predicted for inputs x, (N, P), and for each hidden unit of the
+    localisation net (a convolution's channel, a fully connected layer's feature, in layer
+    order) whether it fired (> 0 after its ReLU) for any input, (U,) bool.
+
+    A dead transformer predicts one transform for every input: the spread of its parameters over
+    x is ~0 (below DEAD_SPREAD), typically because its last hidden units all stopped firing,
+    leaving the regression layer's bias.
+    """
+    fired = {}
+
+    def hook(module, inputs, out):
+        on = (out > 0).flatten(2).any(2) if out.ndim > 2 else out > 0  # (B, units)
+        fired[module] = on.any(0) | fired.get(module, False)
+
+    relus = [m for m in t.loc.modules() if isinstance(m, nn.ReLU)]
+    handles = [m.register_forward_hook(hook) for m in relus]
+    try:
+        params = torch.cat([t.params(x[i : i + batch]) for i in range(0, len(x), batch)])
+    finally:
+        for h in handles:
+            h.remove()
+    return params, torch.cat([fired[m] for m in relus])

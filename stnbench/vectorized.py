@@ -33,6 +33,7 @@ from stnbench.optim import is_loc, lr_factor, make_optimizer
 from stnbench.train import (
     batches,
     build_model,
+    due,
     finish,
     finished,
     load_splits,
@@ -48,8 +49,17 @@ GROUPED = ("seed", "optim.lr", "optim.momentum", "optim.weight_decay", "optim.lo
 ADAM_BETA2, ADAM_EPS = 0.999, 1e-8  # torch.optim.Adam's defaults, as make_optimizer uses
 
 
+def vectorizable(cfg: DictConfig) -> bool:
+    """Whether a run can join a group: the stacked step implements plain SGD or Adam on the
+    plain loss, and keeps no weight average."""
+    t = cfg.train
+    return not (cfg.optim.nesterov or t.label_smoothing or t.ema)
+
+
 def group_key(cfg: DictConfig) -> str:
-    """Equal for configs that can train as one group."""
+    """Equal for configs that can train as one group (each other one has a key of its own)."""
+    if not vectorizable(cfg):
+        return f"alone: {id(cfg)}"
     conf = recorded(OmegaConf.to_container(cfg, resolve=False))
     for key in GROUPED:
         *parents, last = key.split(".")
@@ -170,6 +180,10 @@ def train_group(cfgs: list[DictConfig], outs: list, tags: list[str] | None = Non
     """Train runs that differ only in GROUPED settings as one batched model; return each run's
     metrics (also in its own metrics.json), in order. A finished run is left alone; runs whose
     checkpoints stand at different steps are trained one after another instead."""
+    if not all(map(vectorizable, cfgs)):
+        raise StnbenchError(
+            "runs with optim.nesterov, train.label_smoothing or train.ema train alone"
+        )
     if len({group_key(c) for c in cfgs}) > 1:
         raise StnbenchError("these runs differ in more than " + ", ".join(GROUPED))
     results: list[dict | None] = [finished(out) for out in outs]
@@ -206,8 +220,7 @@ def train_group(cfgs: list[DictConfig], outs: list, tags: list[str] | None = Non
         for k, (i, r) in enumerate(zip(todo, runs, strict=True)):
             if not r.training:
                 continue
-            coming, t = r.state.step + 1, r.cfg.train
-            if coming % t.val_every == 0 or coming == t.steps:  # it validates and checkpoints
+            if due(r.cfg.train.val_every, r.state.step + 1, r.cfg.train.steps):  # it validates
                 stacked.to_module(k)
             stepped(r, loss[k], wrong[k])
             if not r.training:  # finished, diverged or collapsed: its result now

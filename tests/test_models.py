@@ -119,3 +119,28 @@ def test_bad_names_and_options():
     assert describe(e.value).startswith("unknown key model.dropout; expected one of name, budget")
     with pytest.raises(StnbenchError, match="model.tanh must be left unset: model=cnn has no"):
         load_config("stnbench_train", ["model=cnn", "model.tanh=true"])
+
+
+@pytest.mark.parametrize("loc", ["fcn", "cnn"])
+def test_liveness_tells_a_dead_transformer_from_a_working_one(loc):
+    from stnbench.transformer import DEAD_SPREAD, SpatialTransformer, liveness
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 28, 28)
+    working = SpatialTransformer(loc, "affine", 28)
+    torch.nn.init.normal_(working.regress.weight, std=0.1)  # as after some training
+    params, fired = liveness(working, x, batch=16)
+    assert params.shape == (64, 6) and params.std(0).max() > DEAD_SPREAD
+    last = working.regress.in_features  # the units the regression layer reads
+    assert fired[-last:].any()
+
+    dead = SpatialTransformer(loc, "affine", 28)
+    dead.load_state_dict(working.state_dict())
+    with torch.no_grad():  # the last hidden layer's units never fire: only the bias is left
+        [*_, last_linear, _] = dead.loc
+        last_linear.bias.fill_(-1e3)
+    params, fired = liveness(dead, x, batch=16)
+    assert params.std(0).max() < DEAD_SPREAD
+    torch.testing.assert_close(params, dead.regress.bias.expand(64, -1))
+    assert not fired[-last:].any() and fired[:-last].any()
+    assert 1 - fired.float().mean() >= last / len(fired)

@@ -75,6 +75,17 @@ def test_cells_count_every_status_and_average_the_ok_runs(runs):
     assert list(dict.fromkeys(table["data"])) == ["r", "rts"]
 
 
+def test_cells_flag_dead_transformers(tmp_path):
+    r = tmp_path / "runs"
+    for seed, dead in enumerate((True, False, None)):  # None: a run from before the measure
+        run_folder(r, f"s{seed}", test=1.0, val=1.0, seed=seed, transformer_dead=dead)
+    cell = report.cells(report.collect([r])).iloc[0]
+    assert cell.dead == 1 and cell.n == 3
+    assert "1.00 ± 0.00 (3) [1 dead transformer]" in report.markdown(
+        report.cells(report.collect([r]))
+    )
+
+
 def test_csv_reads_back_in_the_papers_layout(runs, tmp_path):
     report.write(report.collect([runs]), tmp_path / "out")
     table = pd.read_csv(tmp_path / "out" / "table.csv", index_col=0)

@@ -85,7 +85,7 @@ def test_report_numbers_are_the_runs_numbers(sweep):
     out = tmp / "tables"
     assert {p.name for p in out.iterdir()} == {
         "table.csv", "table.md", "table.tex", "runs.csv",
-        "table_lr.csv", "table_lr.md", "lr.png",
+        "table_lr.csv", "table_lr.md", "lr.png", "curves.csv", "curves.png",
     }  # fmt: skip
     per_lr = pd.read_csv(out / "table_lr.csv")
     table = pd.read_csv(out / "table.csv", index_col=0)
@@ -104,6 +104,28 @@ def test_report_numbers_are_the_runs_numbers(sweep):
     assert len(pd.read_csv(out / "runs.csv")) == 4
     with Image.open(out / "lr.png") as png:
         assert png.format == "PNG" and png.width > 300
+
+
+@pytest.mark.slow
+def test_curves_are_the_runs_validations(sweep):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp, _, _ = sweep
+    frame = pd.read_csv(tmp / "tables" / "curves.csv")
+    assert set(frame.protocol) == {"runs"} and set(frame["row"]) == {"CNN", "ST-CNN Aff"}
+    for folder, m in metrics_below(tmp / "runs").items():
+        events = EventAccumulator(str(tmp / "runs" / folder))
+        events.Reload()
+        val = {e.step: e.value for e in events.Scalars("val/error")}
+        assert sorted(val) == [30, 60]
+        row = "CNN" if m["model"] == "cnn" else "ST-CNN Aff"
+        mine = frame[frame.row == row].set_index("step")
+        for step, error in val.items():  # two lrs per row: each lies within the min and max
+            assert mine.loc[step, "min"] <= error + 1e-6 and error <= mine.loc[step, "max"] + 1e-6
+            assert mine.loc[step, "images"] == step * 64
+    assert (frame.seconds > 0).all() and (frame.n == 1).all()  # one seed per (row, lr)
+    with Image.open(tmp / "tables" / "curves.png") as png:
+        assert png.format == "PNG" and png.height > 300
 
 
 @pytest.mark.slow

@@ -9,9 +9,10 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stnbench import geometry
+from stnbench import geometry, models
 from stnbench.cli import load_config
 from stnbench.train import lr_factor, train
 
@@ -238,6 +239,127 @@ def test_schedules():
     assert lr_factor(exp, 25000, 1) == pytest.approx(math.sqrt(0.1))
     const = load_config("stnbench_train", ["schedule=constant"]).schedule
     assert lr_factor(const, 12345, 150000) == 1
+    one = load_config("stnbench_train", ["schedule=onecycle"]).schedule  # warm-up 20%
+    factors = [lr_factor(one, s, 100) for s in range(100)]
+    assert factors[0] == pytest.approx(1 / 20) and factors[19] == factors[20] == 1
+    assert factors[:20] == sorted(factors[:20]) and factors[20:] == sorted(factors[20:])[::-1]
+    assert factors[99] == pytest.approx(1 / 80)  # linearly down to floor (0) at step 100
+    warm = load_config("stnbench_train", ["schedule=cosine", "schedule.warmup=0.1"]).schedule
+    assert lr_factor(warm, 4, 100) == pytest.approx(0.5 * lr_factor(cos, 4, 100))
+
+
+def test_nesterov_and_label_smoothing_reach_torch(mnist_root):
+    from stnbench.optim import make_optimizer
+    from stnbench.train import train_step
+
+    cfg = config("model=st_fcn", "optim.nesterov=true")
+    torch.manual_seed(0)
+    model = models.from_config(dict(cfg.model), dict(cfg.transform), 42)
+    opt = make_optimizer(model, cfg.optim)
+    assert all(g["nesterov"] for g in opt.param_groups)
+    x, y = torch.rand(8, 1, 42, 42), torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        logits = model(x)
+    loss, wrong = train_step(model, opt, x, y, label_smoothing=0.2)
+    assert loss == pytest.approx(F.cross_entropy(logits, y, label_smoothing=0.2).item())
+    assert wrong == (logits.argmax(1) != y).sum()
+    with pytest.raises(Exception, match="optim.nesterov must be false unless optim=sgd"):
+        config("optim=adam", "optim.nesterov=true")
+
+
+@pytest.mark.slow
+def test_label_smoothing_changes_the_training_loss_and_nothing_else(mnist_root, tmp_path):
+    args = ("data=plain", "model=fcn", "train.steps=20", "train.val_every=10", "train.log_every=1")
+    plain = train(config(*args), tmp_path / "plain")
+    zero = train(config(*args, "train.label_smoothing=0"), tmp_path / "zero")
+    smooth = train(config(*args, "train.label_smoothing=0.2"), tmp_path / "smooth")
+    keys = ("test_error", "val_error", "test_error_untransformed")
+    assert [plain[k] for k in keys] == [zero[k] for k in keys]  # 0: the plain loss, exactly
+    first = [scalars(tmp_path / n, "train/loss")[0] for n in ("plain", "smooth")]
+    assert first[1] > first[0]  # smoothing raises the loss of a confident start...
+    assert smooth["status"] == "ok" and smooth["test_error"] < 60  # ...and still learns
+
+
+def scalars(folder, tag):
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_ema_is_what_is_evaluated_and_resumes_exactly(mnist_root, tmp_path, monkeypatch):
+    import stnbench.train as loop
+
+    args = ("data=plain", "model=st_cnn", "train.steps=40", "train.val_every=20", "train.ema=0.9")
+    whole = train(config(*args), tmp_path / "whole")
+    ckpt = torch.load(tmp_path / "whole" / "checkpoint.pt")
+    cfg = config(*args)
+    cpu = torch.device("cpu")
+    model = loop.prepare(models.from_config(dict(cfg.model), dict(cfg.transform), 28), cpu)
+    ema = loop.make_ema(model, 0.9)
+    ema.load_state_dict(ckpt["ema"])
+    d = loop.load_splits(cfg, cpu)
+    _, test_ema = loop.evaluate(ema.module.eval(), d.x_test, d.y_test, 1000)
+    model.load_state_dict(ckpt["model"])
+    _, test_raw = loop.evaluate(model.eval(), d.x_test, d.y_test, 1000)
+    assert whole["test_error"] == test_ema != test_raw  # the average is tested, not the weights
+    assert int(ckpt["ema"]["n_averaged"]) == 40
+
+    saved = loop.save_checkpoint
+
+    def save_then_stop(r):  # a run stopped right after its first checkpoint (step 20)
+        saved(r)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(*args), tmp_path / "resumed")
+    monkeypatch.setattr(loop, "save_checkpoint", saved)
+    resumed = train(config(*args), tmp_path / "resumed")
+    for key in ("test_error", "val_error", "best_test_error", "test_error_untransformed"):
+        assert resumed[key] == whole[key], key
+
+
+def test_a_checkpoint_written_before_new_settings_resumes(
+    mnist_root, tmp_path, monkeypatch, caplog
+):
+    import stnbench.train as loop
+
+    args = ("data=plain", "model=fcn", "train.steps=20", "train.val_every=10")
+    saved = loop.save_checkpoint
+
+    def save_then_stop(r):
+        saved(r)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(*args), tmp_path)
+    monkeypatch.setattr(loop, "save_checkpoint", saved)
+    ckpt = torch.load(tmp_path / "checkpoint.pt")
+    old = ckpt["config"]  # as commit 1abd4ec wrote it: no key that came later
+    for group, keys in (("model", ["out_size", "pool", "mode", "residual", "tanh"]),
+                        ("optim", ["nesterov"]), ("schedule", ["warmup", "every", "gamma"]),
+                        ("train", ["ema", "label_smoothing"])):  # fmt: skip
+        for key in keys:
+            del old[group][key]
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    with caplog.at_level("INFO"):
+        m = train(config(*args), tmp_path)
+    assert m["status"] == "ok" and m["steps"] == 20
+    assert "resuming" in caplog.text
+
+
+@pytest.mark.slow
+def test_transformer_diagnostics_reach_metrics_and_tensorboard(mnist_root, tmp_path):
+    args = ("data=plain", "model=st_cnn", "train.steps=20", "train.val_every=10")
+    m = train(config(*args), tmp_path)
+    assert m["transformer_dead"] is False and m["transform_spread"] > 1e-5
+    assert 0 <= m["loc_dead_units"] < 1
+    assert len(scalars(tmp_path, "transform/spread")) == 2
+    assert len(scalars(tmp_path, "transform/dead_units")) == 2
+    assert len(scalars(tmp_path, "transform_spread/a11")) == 2
+    assert scalars(tmp_path, "time/seconds") == sorted(scalars(tmp_path, "time/seconds"))
 
 
 BAD = [
@@ -261,6 +383,9 @@ BAD = [
     (["data.recipe.canvass=30"], "unknown key data.recipe.canvass; expected one of canvas,"),
     (["model=cnn", "model.tanh=true"], "model.tanh must be left unset: model=cnn has no"),
     (["-m", "optim.lr=0.01,fast"], "optim.lr must be a number in (0, inf]; got 'fast'"),
+    (["data=plain", "data.recipe.canvas=40"], "sets a key under a setting that is null"),
+    (["model=st_fcn", "model.budget=1000"], "budget 1000 is below the smallest such model"),
+    (["data=r", "data.recipe.canvas=20"], "input size 20 is too small for the ST-CNN localisation"),
 ]
 
 

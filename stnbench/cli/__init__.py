@@ -9,7 +9,6 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from stnbench import config
 from stnbench.errors import StnbenchError, describe
 
 CONFIG_MODULE = "stnbench.conf"
@@ -18,6 +17,8 @@ CONFIG_MODULE = "stnbench.conf"
 def load_config(name: str, overrides: list[str], with_hydra: bool = False) -> DictConfig:
     """Compose a primary config from the installed stnbench.conf with Hydra overrides and check
     it (stnbench.config.check); with Hydra's own node, ``hydra``, when ``with_hydra``."""
+    from stnbench import config  # its schemas in Hydra's ConfigStore (it imports torch)
+
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose(config_name=name, overrides=overrides, return_hydra_config=with_hydra)
     config.check(cfg)
@@ -32,4 +33,15 @@ def run(prog: str, fn: Callable[[], object]) -> int:
     except (StnbenchError, HydraException, OmegaConfBaseException) as e:
         print(f"{prog}: error: {describe(e)}", file=sys.stderr)
         return 2
+    except AssertionError as e:  # OmegaConf's, for a key set under a null node
+        if "Unexpected type for root: NoneType" not in str(e):
+            raise
+        print(f"{prog}: error: {NULL_PARENT}", file=sys.stderr)
+        return 2
     return 0
+
+
+NULL_PARENT = (
+    "an override sets a key under a setting that is null (e.g. data.recipe.canvas with "
+    "data=plain, which has no recipe); set it with a dataset that has one"
+)

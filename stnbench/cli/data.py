@@ -37,7 +37,7 @@ def fetch(cfg: DictConfig) -> None:
 def _dataset(cfg: DictConfig) -> dict:
     """load()'s keyword arguments for the configured dataset, its recipe as composed."""
     from stnbench import device
-    from stnbench.train import recipe_of
+    from stnbench.config import recipe_of
 
     recipe = recipe_of(cfg)
     return dict(

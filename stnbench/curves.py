@@ -1,0 +1,99 @@
+"""Learning curves from what runs wrote: validation error against training images seen and
+against the training loop's wall-clock seconds, read from each run's TensorBoard events with
+TensorBoard's own reader, never recomputed.
+
+``read(runs)`` (runs as stnbench.report.collect gives them) returns one row per (protocol, data,
+row, step): the mean, std, min and max of the validation error over the seeds, their number,
+the images seen (step x batch size) and the mean seconds. A protocol is the folder a run was
+found under (stnbench-report's DIR), so folders holding different protocols draw side by side.
+``plot(frame, path)`` draws them: a row of panels per distortion, error against images and
+against seconds, a line per (row, protocol), the seeds' min-max shaded.
+"""
+
+from pathlib import Path
+
+import pandas as pd
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from stnbench.files import atomic_path
+
+DONE = ("ok", "collapsed", "diverged")  # runs whose curves are whole
+STYLES = ("-", "--", ":", "-.")  # a line style per protocol
+
+
+def events(folder: str | Path) -> pd.DataFrame:
+    """One run's validations: step, val_error and seconds (the loop's wall time when the run
+    logged ``time/seconds``, else the events' wall time since the run's first event)."""
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    if "val/error" not in tags:
+        return pd.DataFrame(columns=["step", "val_error", "seconds"])
+    val = acc.Scalars("val/error")
+    if "time/seconds" in tags:
+        seconds = {e.step: e.value for e in acc.Scalars("time/seconds")}
+    else:  # runs written before time/seconds was logged
+        start = min(acc.Scalars(tag)[0].wall_time for tag in tags)
+        seconds = {e.step: e.wall_time - start for e in val}
+    return pd.DataFrame(
+        {
+            "step": [e.step for e in val],
+            "val_error": [e.value for e in val],
+            "seconds": [seconds.get(e.step) for e in val],
+        }
+    )
+
+
+def read(runs: pd.DataFrame) -> pd.DataFrame:
+    """The curves of every finished run, averaged over seeds per (protocol, data, row, step)."""
+    parts = []
+    for run in runs[runs.status.isin(DONE)].itertuples():
+        curve = events(run.path)
+        if not curve.empty:
+            protocol = Path(run.source).name if isinstance(run.source, str) else ""
+            curve = curve.assign(protocol=protocol, data=run.data, row=run.row, seed=run.seed)
+            parts.append(curve.assign(images=curve.step * run.batch_size))
+    if not parts:
+        return pd.DataFrame()
+    keys = ["protocol", "data", "row", "step"]
+    frame = pd.concat(parts).groupby(keys, sort=False)
+    out = frame.agg(
+        images=("images", "first"),
+        seconds=("seconds", "mean"),
+        mean=("val_error", "mean"),
+        std=("val_error", "std"),
+        min=("val_error", "min"),
+        max=("val_error", "max"),
+        n=("seed", "nunique"),
+    )
+    return out.reset_index().sort_values(keys, ignore_index=True)
+
+
+def plot(frame: pd.DataFrame, path: Path) -> None:
+    """Validation error against images seen and against seconds, a panel row per distortion."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datas, rows = list(dict.fromkeys(frame["data"])), list(dict.fromkeys(frame.row))
+    protocols = list(dict.fromkeys(frame.protocol))
+    fig, axes = plt.subplots(
+        len(datas), 2, figsize=(12, 4 * len(datas)), squeeze=False, constrained_layout=True
+    )
+    for (data, row, protocol), line in frame.groupby(["data", "row", "protocol"], sort=False):
+        color = f"C{rows.index(row) % 10}"
+        style = STYLES[protocols.index(protocol) % len(STYLES)]
+        label = row if len(protocols) == 1 else f"{row}, {protocol}"
+        for ax, x in zip(axes[datas.index(data)], ("images", "seconds"), strict=True):
+            ax.plot(line[x], line["mean"], style, color=color, label=label)
+            ax.fill_between(line[x], line["min"], line["max"], color=color, alpha=0.15)
+    xlabels = ("training images seen", "training wall-clock seconds")
+    for data, pair in zip(datas, axes, strict=True):
+        for ax, x in zip(pair, xlabels, strict=True):
+            ax.set(xlabel=x, ylabel="validation error (%)", yscale="log", title=data)
+            ax.grid(True, which="both", alpha=0.3)
+        pair[0].legend(fontsize="small")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
