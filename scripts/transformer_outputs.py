@@ -73,7 +73,7 @@ def main() -> None:
     args = ap.parse_args()
 
     runs = report.collect(args.dirs)
-    runs = runs[(runs.data == args.data) & runs.transform.notna()]
+    runs = runs[(runs.data == args.data) & runs["transform"].notna()]
     runs = runs[runs.status == "ok"]
     if runs.empty:
         sys.exit(f"no spatial-transformer runs on {args.data} that ended ok below {args.dirs}")
