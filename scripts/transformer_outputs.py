@@ -44,6 +44,13 @@ def last_image(folder: str) -> tuple[int, Image.Image]:
     return last.step, Image.open(io.BytesIO(last.encoded_image_string))
 
 
+def evaluated_weights(ckpt: dict) -> dict:
+    """The weights that validation and test saw: the moving average (train.ema), if kept."""
+    if "ema" not in ckpt:
+        return ckpt["model"]
+    return {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
+
+
 def load_transformer(folder: Path):
     cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
     rec = recipe_of(cfg)
@@ -52,7 +59,7 @@ def load_transformer(folder: Path):
     c = OmegaConf.to_container
     model = models.from_config(c(cfg.model), c(cfg.transform), rec.canvas)
     ckpt = torch.load(folder / "checkpoint.pt", weights_only=False, map_location="cpu")
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(evaluated_weights(ckpt))
     return cfg, rec, model.eval().transformer, ckpt["state"]["step"]
 
 
