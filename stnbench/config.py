@@ -24,6 +24,7 @@ from stnbench.optim import OPTIMIZERS, SCHEDULES
 NO_EFFECT = ("device", "data.root", "train.progress")
 BOOL = "true or false"
 POSITIVE = "an integer >= 1"
+VAL = data.SPLIT_SIZES["val"]
 
 
 @dataclass
@@ -32,7 +33,9 @@ class Data(Checked):
     name: str = "plain"  # set by the data group: conf/data/<name>.yaml
     root: str | None = None  # data root; null: $STNBENCH_DATA_ROOT, else ~/.cache/stnbench
     seed: int = setting(0, "an integer >= 0", integer(0))  # which draw of a distorted dataset
-    train_size: int | None = setting(None, "an integer >= 1 or null", integer(1, optional=True))
+    train_size: int | None = setting(
+        None, f"an integer in [1, {data.TRAIN_SIZE}] or null", integer(1, True, data.TRAIN_SIZE)
+    )
     fresh: bool = setting(False, BOOL)  # draw new distortions of the training set every epoch
     recipe: Recipe | None = None  # null: plain MNIST
 
@@ -113,7 +116,7 @@ class Train(Checked):
     steps: int = setting(150_000, POSITIVE, integer(1))
     batch_size: int = setting(256, POSITIVE, integer(1))
     val_every: int = setting(1000, POSITIVE, integer(1))
-    val_size: int | None = setting(None, "an integer >= 1 or null", integer(1, optional=True))
+    val_size: int | None = setting(None, f"an integer in [1, {VAL}] or null", integer(1, True, VAL))
     eval_batch_size: int = setting(1000, POSITIVE, integer(1))
     log_every: int = setting(100, POSITIVE, integer(1))
     collapse: Collapse = field(default_factory=Collapse)
@@ -140,7 +143,13 @@ class TrainJob(Checked):
     def __post_init__(self):
         super().__post_init__()
         resolve_device(self.device)
-        n = min(self.data.train_size or data.TRAIN_SIZE, data.TRAIN_SIZE)
+        n = self.data.train_size or data.TRAIN_SIZE
+        canvas, out_size = self.data.canvas, self.model.out_size
+        if out_size is not None and out_size > canvas:
+            raise StnbenchError(
+                f"model.out_size must be at most the input's side ({canvas}, the canvas); got "
+                f"{out_size}"
+            )
         if self.train.batch_size > n:
             raise StnbenchError(
                 f"train.batch_size ({self.train.batch_size}) is larger than the training set "

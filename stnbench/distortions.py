@@ -50,7 +50,8 @@ class Recipe(Checked):
 
     key: ClassVar[str] = "data.recipe"
 
-    canvas: int = setting(DIGIT, "an integer >= 1", integer(1))  # output side, pixels
+    # output side, pixels; at least the digit's (a smaller canvas would crop every digit)
+    canvas: int = setting(DIGIT, f"an integer >= {DIGIT} (MNIST's side)", integer(DIGIT))
     # degrees: angle ~ U[-rotation, rotation]
     rotation: float = setting(0.0, "a number >= 0", number(0))
     shear: float = setting(0.0, "a number in [0, 90)", number(0, 90, hi_open=True))  # x-shear

@@ -15,6 +15,20 @@ from omegaconf.errors import OmegaConfBaseException
 class StnbenchError(ValueError):
     """Bad input (a name, a shape, a file, a setting). Commands print it on one line and exit 2."""
 
+    code = 2
+
+
+class Fault(StnbenchError):
+    """A run that met a fault (a full disk, a crash): one line, the traceback in the run's
+    train.log, exit status 1."""
+
+    code = 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, after the run saved its checkpoint: exit status 130. A KeyboardInterrupt,
+    so it ends a sweep (Hydra records other exceptions of a job and goes on)."""
+
 
 def one_line(error: BaseException) -> str:
     """An exception's message folded onto one line (Hydra's and torchvision's span several)."""
@@ -79,8 +93,8 @@ def number(lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False, optional=Fal
     return ok
 
 
-def integer(lo=1, optional=False):
-    return lambda v: (v is None and optional) or (isinstance(v, int) and v >= lo)
+def integer(lo=1, optional=False, hi=math.inf):
+    return lambda v: (v is None and optional) or (isinstance(v, int) and lo <= v <= hi)
 
 
 def one_of(*choices):

@@ -45,13 +45,15 @@ PAPER = {
     "ST-CNN Proj": {"r": 0.8, "rts": 0.6, "p": 0.8, "e": 1.3},
     "ST-CNN TPS": {"r": 0.7, "rts": 0.5, "p": 0.8, "e": 1.1},
 }
+PAPER_BUDGET = (150_000, 256)  # its steps and batch size (Appendix A.4)
 LEGEND = (
     "Test error (%) of the final model: mean ± std over the runs that ended ok (how many); in "
-    "brackets the runs that collapsed, diverged, failed or are unfinished; `@ lr`: the learning "
-    "rate chosen on validation. Paper: Jaderberg et al. 2015, Table 1 (TC: the text)."
+    "brackets the runs that collapsed, diverged, failed, are unfinished or unreadable; `@ lr`: "
+    "the learning rate chosen on validation. Paper: Jaderberg et al. 2015, Table 1 (TC: the "
+    "text), 150,000 steps of 256; `ours:` beside it where the cell's runs trained another budget."
 )
 REQUIRED = ("status", "data", "model", "lr", "seed")  # what every run's row needs
-STATUSES = ("ok", "collapsed", "diverged", "failed", "unfinished")
+STATUSES = ("ok", "collapsed", "diverged", "failed", "unfinished", "unreadable")
 # what a cell's brackets count: the runs that did not end ok, and the runs (any status) whose
 # transformer stopped following its input (metrics.json's transformer_dead)
 FLAGS = {**{s: s for s in STATUSES[1:]}, "dead": "dead transformer"}
@@ -91,7 +93,7 @@ def _unfinished(folder: Path) -> dict | None:
 
 def collect(dirs: list[str | Path]) -> pd.DataFrame:
     """One row per run folder below ``dirs``: its metrics.json, or an unfinished Hydra run."""
-    records = {}
+    records, unreadable = {}, []
     for d in map(Path, dirs):
         if not d.is_dir():
             raise StnbenchError(f"{d}: no such folder (expected a folder of runs)")
@@ -105,12 +107,12 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
             if problem is None and m.get("status") not in STATUSES:
                 problem = f"status {m.get('status')!r}"
             missing = [k for k in REQUIRED if k not in m]
-            if problem or missing:
-                problem = problem or f"no {', '.join(missing)}"
-                raise StnbenchError(
-                    f"{path}: not a stnbench metrics.json ({problem}); expected the JSON a run "
-                    "writes"
-                )
+            if problem or missing:  # skipped; counted in its cell if its Hydra config tells which
+                problem = f"{path}: unreadable ({problem or 'no ' + ', '.join(missing)}); skipped"
+                unreadable.append(problem)
+                if (m := _unfinished(path.parent)) is None:
+                    continue
+                m.update(status="unreadable", reason=problem)
             records[folder] = {**m, "path": str(path.parent), "source": str(d)}
         for hydra_dir in sorted(d.rglob(".hydra")):
             folder = hydra_dir.parent.resolve()
@@ -118,10 +120,11 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
                 records[folder] = {**m, "path": str(hydra_dir.parent), "source": str(d)}
     if not records:
         raise StnbenchError(
-            f"no runs below {', '.join(map(str, dirs))} (expected metrics.json files that "
-            "stnbench-train writes)"
+            f"no readable runs below {', '.join(map(str, dirs))} (expected metrics.json files "
+            f"that stnbench-train writes){'; ' + unreadable[0] if unreadable else ''}"
         )
     runs = pd.DataFrame(list(records.values()))
+    runs.attrs["unreadable"] = unreadable  # warnings() names them
     for key in ("transform", "residual", "tanh", "loc_lr_mult", "test_error", "val_error",
                 "transformer_dead"):  # fmt: skip
         if key not in runs:
@@ -153,7 +156,16 @@ def _stats(group: pd.DataFrame) -> dict:
     for status in STATUSES[1:]:
         out[status] = int((group.status == status).sum())
     out["dead"] = int(group.transformer_dead.eq(True).sum())
+    budget = group.reindex(columns=["planned_steps", "batch_size"])
+    out["budget"] = "; ".join(sorted({_budget(*b) for b in budget.itertuples(index=False)} - {""}))
     return out
+
+
+def _budget(steps, batch) -> str:
+    """A run's budget in words where it is not the paper's, else ''."""
+    if pd.isna(steps) or (steps, batch) == PAPER_BUDGET:
+        return ""
+    return f"{steps:,.0f} steps" + ("" if pd.isna(batch) else f" of {batch:.0f}")
 
 
 def _selection_score(group: pd.DataFrame) -> float:
@@ -183,7 +195,7 @@ def cells(runs: pd.DataFrame, per_lr: pd.DataFrame | None = None) -> pd.DataFram
             options = per_lr[(per_lr.row == row) & (per_lr["data"] == data)]
             cell = {"row": row, "data": data}
             if options.empty:
-                cell.update(mean=math.nan, std=math.nan, n=0, lr=math.nan, lrs=0)
+                cell.update(mean=math.nan, std=math.nan, n=0, lr=math.nan, lrs=0, budget="")
                 cell.update(dict.fromkeys(FLAGS, 0))
             else:
                 best = options.sort_values(["score", "lr"]).iloc[0]
@@ -197,9 +209,11 @@ def cells(runs: pd.DataFrame, per_lr: pd.DataFrame | None = None) -> pd.DataFram
 
 
 def warnings(runs: pd.DataFrame) -> list[str]:
-    """Cells whose runs differ in budget or optimiser (averaging them mixes experiments)."""
-    out = []
-    for (row, data), g in runs[runs.status != "unfinished"].groupby(["row", "data"]):
+    """The metrics.json files that could not be read, and cells whose runs differ in budget or
+    optimiser (averaging them mixes experiments)."""
+    out = list(runs.attrs.get("unreadable", []))
+    done = runs[~runs.status.isin(["unfinished", "unreadable"])]
+    for (row, data), g in done.groupby(["row", "data"]):
         for key in BUDGET:
             if key in g and g[key].nunique(dropna=True) > 1:
                 values = ", ".join(map(str, sorted(g[key].dropna().unique())))
@@ -247,6 +261,7 @@ def wide(table: pd.DataFrame) -> pd.DataFrame:
         out[f"{name} std"] = part["std"].round(3)
         out[f"{name} n"] = part["n"].astype(int)
         out[f"{name} paper"] = part["paper"]
+        out[f"{name} budget"] = part["budget"]
         out[f"{name} diff"] = part["diff"].round(3)
         out[f"{name} lr"] = part["lr"]
         out[f"{name} not ok"] = [_flags(c) for _, c in part.iterrows()]
@@ -266,9 +281,12 @@ def _shown(table: pd.DataFrame, pm="±", diff="{:+.2f}") -> pd.DataFrame:
     text = {}
     for _, c in table.iterrows():
         name = COLUMNS.get(c["data"], c["data"])
+        paper = _fmt(c.paper, 1)
+        if paper and c.budget:
+            paper += f" (ours: {c.budget})"
         shown = {
             "ours": _ours(c, pm) + _lr_note(c),
-            "paper": _fmt(c.paper, 1),
+            "paper": paper,
             "diff": _diff(c, diff),
         }
         text.setdefault(c.row, {}).update({(name, k): v for k, v in shown.items()})

@@ -10,10 +10,16 @@ event files. The tables use ``test_error``, the final model's, as the paper repo
 best-validation model's is ``best_test_error``.
 """
 
+import datetime
+import fcntl
 import json
 import logging
 import math
+import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -31,7 +37,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from stnbench import allocator, data, device, geometry, models, tblog
 from stnbench.config import recipe_of, recorded
 from stnbench.distortions import DIGIT, Recipe
-from stnbench.errors import StnbenchError, describe
+from stnbench.errors import Fault, Interrupted, StnbenchError, describe, one_line
 from stnbench.files import atomic_path
 from stnbench.optim import lr_factor, make_optimizer, set_lr
 from stnbench.transformer import DEAD_SPREAD, liveness
@@ -95,18 +101,78 @@ def settings(cfg: DictConfig) -> dict:
 
 
 def write_metrics(out: Path, metrics: dict) -> dict:
-    with atomic_path(Path(out) / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+    return write_json(Path(out) / "metrics.json", metrics)
 
 
 def record_failure(cfg: DictConfig, out: Path, error: BaseException) -> dict:
-    """Write metrics.json with status "failed" for a run that raised; rerunning retries it."""
+    """Write metrics.json with status "failed" for a run that raised (if the disk lets us);
+    rerunning retries it."""
     reason = f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]
-    return write_metrics(
-        out, {"status": "failed", "reason": reason, "test_error": None, "val_error": None,
-              **settings(cfg)}
-    )  # fmt: skip
+    metrics = {"status": "failed", "reason": reason, "test_error": None, "val_error": None,
+               **settings(cfg)}  # fmt: skip
+    try:
+        return write_metrics(out, metrics)
+    except OSError as e:  # the fault itself may be a full or read-only disk
+        log.warning("%s: could not record the failure in metrics.json: %s", out, e)
+        return metrics
+
+
+def unreadable(path: Path, error: BaseException) -> Fault:
+    """The one line for a run file that cannot be read back, with the remedy."""
+    return Fault(
+        f"{path} is unreadable ({one_line(error)[:160]}); set it aside to start this run over: "
+        f"mv {path} {path}.bad"
+    )
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise unreadable(path, e) from e
+
+
+@contextmanager
+def claimed(out: Path, cfg: DictConfig):
+    """Hold a run folder for this process while the block runs. Refused while another process
+    holds it (an flock: the kernel drops it when its holder ends, however it ends), and when the
+    folder holds a run of another configuration, finished or not (config.json, written when a
+    run starts, or the checkpoint of a folder written before it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise StnbenchError(
+                f"{out} is in use by another process (pid {lock.read().strip() or '?'}); wait "
+                "for it to end, or choose another output dir"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        mine = recorded(OmegaConf.to_container(cfg))
+        path, ckpt = out / "config.json", out / "checkpoint.pt"
+        saved = read_json(path) if path.exists() else None
+        if saved is None and ckpt.exists():
+            saved = load_checkpoint(ckpt, torch.device("cpu"))["config"]
+        try:
+            diff = saved and difference(recorded(saved), mine)
+        except OmegaConfBaseException as e:  # a setting this version does not know
+            diff = describe(e)
+        if diff:
+            raise StnbenchError(
+                f"{out} holds a run of another configuration ({diff}); choose another output dir"
+            )
+        if not path.exists():
+            write_json(path, mine)
+        yield
+
+
+def write_json(path: Path, value: dict) -> dict:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2) + "\n")
+    return value
 
 
 def finished(out: Path) -> dict | None:
@@ -114,7 +180,7 @@ def finished(out: Path) -> dict | None:
     path = Path(out) / "metrics.json"
     if not path.exists():
         return None
-    done = json.loads(path.read_text())
+    done = read_json(path)
     if done.get("status") == "failed":
         log.info("%s failed before (%s); trying it again", out, done.get("reason"))
         return None
@@ -176,27 +242,30 @@ def prepare(model: nn.Module, dev: torch.device) -> nn.Module:
     return model.to(dev, memory_format=torch.channels_last)
 
 
-def resume(out: Path, cfg: DictConfig, model: nn.Module, opt, ema=None) -> State:
+def load_checkpoint(path: Path, dev: torch.device) -> dict:
+    try:
+        return torch.load(path, map_location=dev, weights_only=True)
+    except Exception as e:  # truncated, corrupted, not a checkpoint
+        raise unreadable(path, e) from e
+
+
+def resume(out: Path, model: nn.Module, opt, ema=None) -> State:
     """The state of the run in ``out`` (its model, optimiser and average loaded), or a fresh
-    one; a folder holding a run of another configuration is refused."""
+    one. (stnbench.train.claimed has checked that the folder holds this configuration's run.)"""
     path = out / "checkpoint.pt"
     if not path.exists():
         return State()
-    ckpt = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
+    ckpt = load_checkpoint(path, next(model.parameters()).device)
     try:
-        diff = difference(recorded(ckpt["config"]), recorded(OmegaConf.to_container(cfg)))
-    except OmegaConfBaseException as e:  # a setting this version does not know
-        diff = describe(e)
-    if diff:
-        raise StnbenchError(
-            f"{out} holds a run of another configuration ({diff}); choose another output dir"
-        )
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    if ema is not None:
-        ema.load_state_dict(ckpt["ema"])
-    log.info("resuming %s from step %d", out, ckpt["state"]["step"])
-    return State(**ckpt["state"])
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        state = State(**ckpt["state"])
+    except Exception as e:  # loads, but does not fit this run
+        raise unreadable(path, e) from e
+    log.info("resuming %s from step %d", out, state.step)
+    return state
 
 
 def difference(saved: dict, current: dict, prefix: str = "") -> str | None:
@@ -278,6 +347,7 @@ class Run:
     loss_sum: Tensor | float = 0.0  # left on the device between log lines
     wrong_sum: Tensor | int = 0
     since_log: int = 0
+    estimated: bool = False  # whether the time to the end has been logged
     t_log: float = field(default_factory=time.perf_counter)
     t_mark: float = field(default_factory=time.perf_counter)
 
@@ -295,8 +365,9 @@ def start(cfg: DictConfig, out: Path, d: Splits, model, opt, progress=False, tag
     """A run's bookkeeping, resumed from its checkpoint if it has one."""
     out = Path(out)
     ema = make_ema(model, cfg.train.ema)
-    state = resume(out, cfg, model, opt, ema)
-    writer = SummaryWriter(str(out), purge_step=state.step or None)
+    state = resume(out, model, opt, ema)
+    # readers drop what earlier event files logged from this step on (all of it at step 0)
+    writer = SummaryWriter(str(out), purge_step=state.step)
     if state.step == 0:
         text = f"{models.count(model):,} learnable parameters\n\n    {model}"
         writer.add_text("model/params", text)
@@ -350,6 +421,10 @@ def log_training(r: Run) -> None:
         r.writer.add_scalar(tag, value, step)
     rate = r.since_log * t.batch_size / (time.perf_counter() - r.t_log)
     r.bar.set_postfix_str(f"loss {mean_loss:.4f} error {error:.1f}% lr {lr:.2e} {rate:.0f} img/s")
+    if not r.estimated:  # once per process: how long the planned steps will take at this rate
+        r.estimated = True
+        left = datetime.timedelta(seconds=round((t.steps - step) * t.batch_size / rate))
+        log.info("%s%d steps to go: about %s at %.0f img/s", r.tag, t.steps - step, left, rate)
     r.loss_sum, r.wrong_sum, r.since_log, r.t_log = 0.0, 0, 0, time.perf_counter()
     if not math.isfinite(mean_loss):
         r.state.status, r.state.reason = "diverged", f"non-finite training loss by step {step}"
@@ -480,8 +555,13 @@ def finish(r: Run, **extra) -> dict:
 
 def train(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
     """Train the configured model; return (and write to out/metrics.json) its metrics."""
-    if (done := finished(out)) is not None:
-        return done
+    out = Path(out)
+    with claimed(out, cfg):
+        return finished(out) or loop(cfg, out, progress)
+
+
+def loop(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
+    """The training loop of a run whose folder this process holds (train's)."""
     dev = device.resolve(cfg.device)
     allocator.keep_freed_memory()
     d = load_splits(cfg, dev)
@@ -490,10 +570,44 @@ def train(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
     r = start(cfg, out, d, model, opt, progress)
     stream = batches(cfg, d, r.state.step)
     model.train()
-    with logging_redirect_tqdm():
-        while r.training:
+    with logging_redirect_tqdm(), deferred_interrupts() as caught:
+        while r.training and not caught:
             x, y = next(stream)
             set_lr(opt, lr_factor(cfg.schedule, r.state.step, cfg.train.steps))
             loss, wrong = train_step(model, opt, x, y, cfg.train.label_smoothing)
             stepped(r, loss, wrong)
-        return finish(r)
+        return interrupted(r) if caught else finish(r)
+
+
+@contextmanager
+def deferred_interrupts():
+    """Ctrl-C and SIGTERM end the loop between two steps, so the checkpoint it then saves resumes
+    exactly (a second one interrupts at once); yields the signals caught. Main thread only."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum, frame):
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+
+    before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def interrupted(r: Run):
+    """Save the interrupted run's checkpoint and end the command (stnbench.errors.Interrupted)."""
+    clock(r)
+    r.bar.close()
+    save_checkpoint(r)
+    r.writer.close()
+    log.info("%s: interrupted at step %d; checkpoint saved", r.out, r.state.step)
+    raise Interrupted(
+        f"{r.out}: interrupted at step {r.state.step}; rerun the same command to resume"
+    )

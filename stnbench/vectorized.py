@@ -19,6 +19,8 @@ import copy
 import json
 import logging
 import math
+from contextlib import ExitStack
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +35,14 @@ from stnbench.optim import is_loc, lr_factor, make_optimizer
 from stnbench.train import (
     batches,
     build_model,
+    claimed,
     due,
     finish,
     finished,
     load_splits,
+    loop,
     start,
     stepped,
-    train,
 )
 
 log = logging.getLogger(__name__)
@@ -186,6 +189,13 @@ def train_group(cfgs: list[DictConfig], outs: list, tags: list[str] | None = Non
         )
     if len({group_key(c) for c in cfgs}) > 1:
         raise StnbenchError("these runs differ in more than " + ", ".join(GROUPED))
+    with ExitStack() as held:
+        for cfg, out in zip(cfgs, outs, strict=True):
+            held.enter_context(claimed(Path(out), cfg))
+        return _train_group(cfgs, [Path(out) for out in outs], tags)
+
+
+def _train_group(cfgs: list[DictConfig], outs: list[Path], tags: list[str] | None) -> list[dict]:
     results: list[dict | None] = [finished(out) for out in outs]
     todo = [i for i, r in enumerate(results) if r is None]
     if not todo:
@@ -203,7 +213,7 @@ def train_group(cfgs: list[DictConfig], outs: list, tags: list[str] | None = Non
     if len({r.state.step for r in runs}) > 1:  # resumed at different steps
         log.info("checkpoints at different steps; training these runs one after another")
         for i in todo:
-            results[i] = train(cfgs[i], outs[i])
+            results[i] = loop(cfgs[i], outs[i])
         return results
     stacked = Stacked(modules, opts, [cfgs[i] for i in todo])
     streams = [batches(r.cfg, d, r.state.step) for r in runs]

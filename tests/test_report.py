@@ -58,17 +58,33 @@ def runs(tmp_path):
     OmegaConf.save(cfg, r / "f" / ".hydra" / "config.yaml")
     run_folder(r, "g", test=3.0, val=3.0, model="cnn")
     run_folder(r, "h", test=4.0, val=4.0, model="cnn", data="r")
+    unreadable(r / "i", ["seed=6"])
     return r
+
+
+def unreadable(folder, overrides):
+    """A run whose metrics.json was cut short; its Hydra config says which cell it belongs to."""
+    (folder / ".hydra").mkdir(parents=True)
+    cfg = load_config("stnbench_train", overrides)
+    OmegaConf.save(cfg, folder / ".hydra" / "config.yaml")
+    (folder / "metrics.json").write_text('{"status": "ok"')
 
 
 def test_cells_count_every_status_and_average_the_ok_runs(runs):
     table = report.cells(report.collect([runs]))
     cell = table[(table.row == "ST-CNN Aff") & (table["data"] == "rts")].iloc[0]
     assert cell["mean"] == 1.5 and cell["std"] == pytest.approx(math.sqrt(0.5)) and cell.n == 2
-    assert (cell.collapsed, cell.diverged, cell.failed, cell.unfinished) == (1, 1, 1, 1)
+    assert (cell.collapsed, cell.diverged, cell.failed, cell.unfinished, cell.unreadable) == (
+        1,
+        1,
+        1,
+        1,
+        1,
+    )
     assert cell.paper == 0.5 and cell["diff"] == pytest.approx(1.0)
     text = report.markdown(table)
-    assert "1.50 ± 0.71 (2) [1 collapsed, 1 diverged, 1 failed, 1 unfinished]" in text
+    flags = "[1 collapsed, 1 diverged, 1 failed, 1 unfinished, 1 unreadable]"
+    assert f"1.50 ± 0.71 (2) {flags}" in text
     missing = table[(table.row == "ST-CNN Aff") & (table["data"] == "r")].iloc[0]
     assert missing.n == 0 and ["ST-CNN Aff", "missing", "0.7", ""] in [r[:4] for r in md_rows(text)]
     assert list(dict.fromkeys(table.row)) == ["CNN", "ST-CNN Aff"]  # the paper's order
@@ -93,11 +109,12 @@ def test_csv_reads_back_in_the_papers_layout(runs, tmp_path):
     assert table.loc["CNN", "R"] == 4.0 and table.loc["CNN", "R paper"] == 1.2
     assert table.loc["ST-CNN Aff", "RTS n"] == 2
     assert (
-        table.loc["ST-CNN Aff", "RTS not ok"] == "1 collapsed, 1 diverged, 1 failed, 1 unfinished"
+        table.loc["ST-CNN Aff", "RTS not ok"]
+        == "1 collapsed, 1 diverged, 1 failed, 1 unfinished, 1 unreadable"
     )
     assert math.isnan(table.loc["ST-CNN Aff", "R"])
     runs_csv = pd.read_csv(tmp_path / "out" / "runs.csv")
-    assert len(runs_csv) == 8 and set(runs_csv.status) == set(report.STATUSES)
+    assert len(runs_csv) == 9 and set(runs_csv.status) == set(report.STATUSES)
     assert not (tmp_path / "out" / "lr.png").exists()  # one learning rate: no lr plot
 
 
@@ -140,6 +157,16 @@ def test_a_localisation_lr_multiplier_is_a_row_of_its_own(tmp_path):
     assert table.loc["ST-CNN Aff (loc lr x0.1)", "n"] == 1
 
 
+def test_a_budget_unlike_the_papers_is_named_beside_its_number(tmp_path):
+    r = tmp_path / "runs"
+    run_folder(r, "a", test=1.0, val=1.0, planned_steps=2500, batch_size=64)
+    run_folder(r, "b", test=1.0, val=1.0, planned_steps=150_000, batch_size=256, data="r")
+    table = report.cells(report.collect([r]))
+    rows = md_rows(report.markdown(table))
+    assert rows[0][1:] == ["R", "R paper", "R diff", "RTS", "RTS paper", "RTS diff"]
+    assert rows[2][2] == "0.7" and rows[2][5] == "0.5 (ours: 2,500 steps of 64)"
+
+
 def test_mixed_budgets_are_warned_about(tmp_path):
     r = tmp_path / "runs"
     run_folder(r, "a", test=1.0, val=1.0, planned_steps=100)
@@ -157,11 +184,11 @@ def run_cli(bin_dir, *args):
 def test_bad_input_is_one_line_exit_2_and_no_table(bin_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     bad = run_folder(tmp_path / "bad", "x")
-    (bad / "metrics.json").write_text('{"status": "ok"')  # cut short
+    (bad / "metrics.json").write_text('{"status": "ok"')  # cut short, and no Hydra config
     cases = [
         ((str(tmp_path / "nowhere"),), "nowhere: no such folder (expected a folder of runs)"),
-        ((str(tmp_path / "empty"),), "no runs below"),
-        ((str(tmp_path / "bad"),), "metrics.json: not a stnbench metrics.json"),
+        ((str(tmp_path / "empty"),), "no readable runs below"),
+        ((str(tmp_path / "bad"),), "x/metrics.json: unreadable (JSONDecodeError: Expecting"),
     ]
     for args, message in cases:
         r = run_cli(bin_dir, *args, "--out", str(tmp_path / "out"))
@@ -171,3 +198,21 @@ def test_bad_input_is_one_line_exit_2_and_no_table(bin_dir, tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(StnbenchError, match="no such folder"):
         report.collect([tmp_path / "nowhere"])
+
+
+@pytest.mark.slow
+def test_an_unreadable_run_is_skipped_named_and_counted_and_the_exit_says_so(bin_dir, tmp_path):
+    r = tmp_path / "runs"
+    run_folder(r, "a", test=1.0, val=1.0)
+    unreadable(r / "b", ["seed=1"])  # its cell known from its Hydra config
+    (r / "c").mkdir()
+    (r / "c" / "metrics.json").write_text("[1, 2]")  # not even that
+    out = tmp_path / "out"
+    result = run_cli(bin_dir, str(r), "--out", str(out))
+    assert result.returncode == 1, result.stderr
+    warnings = result.stderr.strip().splitlines()
+    assert len(warnings) == 2 and all(w.startswith("stnbench-report: warning: ") for w in warnings)
+    assert "b/metrics.json: unreadable (JSONDecodeError: " in warnings[0]
+    assert "c/metrics.json: unreadable (not an object); skipped" in warnings[1]
+    assert "1.00 (1) [1 unreadable]" in (out / "table.md").read_text()
+    assert set(pd.read_csv(out / "runs.csv").status) == {"ok", "unreadable"}

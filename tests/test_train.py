@@ -385,7 +385,7 @@ BAD = [
     (["-m", "optim.lr=0.01,fast"], "optim.lr must be a number in (0, inf]; got 'fast'"),
     (["data=plain", "data.recipe.canvas=40"], "sets a key under a setting that is null"),
     (["model=st_fcn", "model.budget=1000"], "budget 1000 is below the smallest such model"),
-    (["data=r", "data.recipe.canvas=20"], "input size 20 is too small for the ST-CNN localisation"),
+    (["data=r", "data.recipe.canvas=20"], "data.recipe.canvas must be an integer >= 28"),
 ]
 
 

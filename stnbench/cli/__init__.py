@@ -32,7 +32,15 @@ def run(prog: str, fn: Callable[[], object]) -> int:
         fn()
     except (StnbenchError, HydraException, OmegaConfBaseException) as e:
         print(f"{prog}: error: {describe(e)}", file=sys.stderr)
-        return 2
+        return getattr(e, "code", 2)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (stnbench.train.Interrupted in the loop)
+        print(f"{prog}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk, a read-only folder: what to free or fix, in one line
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"{prog}: error: {e.strerror or e}{where}; fix it and rerun the same command "
+              "(a run resumes from its last checkpoint)", file=sys.stderr)  # fmt: skip
+        return 1
     except AssertionError as e:  # OmegaConf's, for a key set under a null node
         if "Unexpected type for root: NoneType" not in str(e):
             raise

@@ -5,12 +5,15 @@ wrong type is refused before anything is written; ranges are checked next, befor
 folder exists (``Checks.on_run_start``), or for every job before a sweep starts
 (hydra/sweeper=stnbench). Each is one line on stderr and exit status 2. Inside a sweep nothing
 stops the sweep: a job whose input is refused is logged and skipped, and a job that raises is
-recorded as ``status: failed`` in its metrics.json (rerunning the command retries it).
+recorded as ``status: failed`` in its metrics.json (rerunning the command retries it). A fault
+(a crash, a full disk, an unreadable checkpoint) is one line too, exit status 1, its traceback in
+the run's train.log; Ctrl-C or SIGTERM saves the checkpoint and exits with 130.
 """
 
 import collections
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -42,23 +45,48 @@ def app(cfg: DictConfig) -> dict | None:
     out = Path(hc.runtime.output_dir)
     try:
         metrics = train(cfg, out, progress)
-    except StnbenchError as e:
-        if not sweep:
-            raise
-        log.error("%s: skipped: %s", out, one_line(e))  # a sweep goes on
-        OUTCOMES["skipped"] += 1
-        return None
-    except Exception as e:  # a crash is recorded; a sweep goes on, a single run re-raises
+    except StnbenchError as e:  # refused: bad input, a folder in use or of another run
+        return ended(e.code, f"{out}: skipped: {one_line(e)}", sweep, str(e))
+    except Exception as e:  # a crash is recorded, its traceback goes to the run's train.log
         metrics = record_failure(cfg, out, e)
-        if not sweep:
-            raise
-        log.exception("%s: failed; recorded in metrics.json, retried when rerun", out)
+        to_log_file(e)
+        failed = f"{out}: failed: {type(e).__name__}: {one_line(e)[:300]}"
+        failed += "; the traceback is in its train.log"
+        return ended(
+            1, f"{failed}; recorded in metrics.json, retried when the sweep is rerun", sweep,
+            f"{failed}; rerun the same command to retry (it resumes)", metrics["status"],
+        )  # fmt: skip
     OUTCOMES[metrics["status"]] += 1
     if not sweep:
         where = os.path.relpath(out)
         print(f"{PROG}: {metrics['status']}, test error {metrics['test_error']}% -> {where}")
         print(f"TensorBoard: tensorboard --logdir {where}")
     return metrics
+
+
+def ended(code: int, in_sweep: str, sweep: bool, alone: str, status="skipped") -> None:
+    """A job that could not finish: a sweep logs it and goes on; a single run prints one line
+    (raising would add Hydra's own line) and main() exits with ``code``."""
+    OUTCOMES[status] += 1
+    if sweep:
+        log.error("%s", in_sweep)
+    else:
+        print(f"{PROG}: error: {one_line(alone)}", file=sys.stderr)
+        OUTCOMES.setdefault("exit", code)
+
+
+def to_log_file(error: BaseException) -> None:
+    """An exception's traceback into the job's log file only (Hydra's FileHandler: train.log)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "traceback:", (),
+                            (type(error), error, error.__traceback__))  # fmt: skip
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def interrupt(signum, frame):
+    """SIGTERM, as Ctrl-C: the training loop saves its checkpoint and ends between two steps."""
+    raise KeyboardInterrupt
 
 
 class Checks(Callback):
@@ -95,10 +123,12 @@ def main() -> int:
     plugins.register(CheckedSweeper)
     plugins.register(VectorizedLauncher)
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra's errors reach run(): one line each
+    logging.raiseExceptions = False  # a log file on a full disk: no second traceback
+    signal.signal(signal.SIGTERM, interrupt)
     code = run(PROG, app)
     if code:
         return code
-    return 1 if OUTCOMES["failed"] or OUTCOMES["skipped"] else 0
+    return OUTCOMES.pop("exit", 0) or (1 if OUTCOMES["failed"] or OUTCOMES["skipped"] else 0)
 
 
 if __name__ == "__main__":

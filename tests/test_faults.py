@@ -1,0 +1,169 @@
+"""Faults a user causes or meets, through stnbench-train as a user runs it: each ends in one line
+naming the file or setting and what to do, with a non-zero exit status, and loses nothing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+RUN = [
+    "data=plain",
+    "model=fcn",
+    "data.train_size=2000",
+    "train.batch_size=50",
+    "train.val_every=20",
+    "train.val_size=500",
+    "train.log_every=10",
+    "schedule=constant",
+    "train.progress=false",
+]
+
+
+def command(bin_dir, out, *overrides):
+    return [str(bin_dir / "stnbench-train"), *RUN, *overrides, f"hydra.run.dir={out}"]
+
+
+def run(bin_dir, out, *overrides, timeout=120):
+    return subprocess.run(
+        command(bin_dir, out, *overrides), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def one_line(result, code: int) -> str:
+    """The one line a refused or failed command printed, after checking its exit status."""
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def wait_for(predicate, seconds=120):
+    deadline = time.time() + seconds
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_folder_is_bound_to_its_configuration(mnist_root, bin_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run(bin_dir, out, "train.steps=40").returncode == 0
+    again = run(bin_dir, out, "train.steps=40")  # the same command: the finished result
+    assert again.returncode == 0 and "stnbench-train: ok" in again.stdout
+    other = one_line(run(bin_dir, out, "train.steps=40", "optim.lr=0.5"), 2)
+    assert f"{out} holds a run of another configuration (optim.lr: 0.01 there, 0.5 now)" in other
+    assert json.loads((out / "metrics.json").read_text())["lr"] == 0.01  # untouched
+    assert json.loads((out / "config.json").read_text())["optim"]["lr"] == 0.01
+
+
+def test_a_corrupt_checkpoint_names_the_file_and_the_remedy(mnist_root, bin_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run(bin_dir, out, "train.steps=40").returncode == 0
+    (out / "metrics.json").unlink()  # unfinished, as if killed
+    ckpt = out / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated
+    line = one_line(run(bin_dir, out, "train.steps=40"), 1)
+    assert line.startswith(f"stnbench-train: error: {ckpt} is unreadable (")
+    assert line.endswith(f"set it aside to start this run over: mv {ckpt} {ckpt}.bad")
+    assert not (out / "metrics.json").exists()  # nothing a table would read
+    os.rename(ckpt, f"{ckpt}.bad")  # the remedy it offers
+    assert run(bin_dir, out, "train.steps=40").returncode == 0
+    assert json.loads((out / "metrics.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_says_where_it_stopped_and_resumes(mnist_root, bin_dir, tmp_path, sig):
+    """A run far beyond the machine's reach says how long it would take; a second process on its
+    folder is refused while it runs; Ctrl-C or SIGTERM checkpoints and says how to resume."""
+    out = tmp_path / "run"
+    steps = "train.steps=1000000000"
+    proc = subprocess.Popen(command(bin_dir, out, steps), stderr=subprocess.PIPE, text=True)
+    log = out / "train.log"
+    wait_for(lambda: log.exists() and "steps to go: about" in log.read_text())
+    assert " days, " in log.read_text()  # 10^9 steps at this rate
+    second = one_line(run(bin_dir, out, steps), 2)
+    assert f"{out} is in use by another process (pid {proc.pid}); wait for it" in second
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    (line,) = err.strip().splitlines()
+    step = torch.load(out / "checkpoint.pt")["state"]["step"]
+    assert step > 0
+    assert (
+        line
+        == f"stnbench-train: {out}: interrupted at step {step}; rerun the same command to resume"
+    )  # noqa: E501
+    assert not (out / "metrics.json").exists()
+    resume_then_stop(bin_dir, out, step, steps)
+
+
+def resume_then_stop(bin_dir, out, step, *overrides):
+    """Rerun the command, check it resumes from ``step``, then stop it with Ctrl-C."""
+    proc = subprocess.Popen(command(bin_dir, out, *overrides), stderr=subprocess.DEVNULL)
+    wait_for(lambda: f"resuming {out} from step {step}" in (out / "train.log").read_text())
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+
+
+def test_a_killed_run_leaves_no_stale_lock(mnist_root, bin_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(bin_dir, out, "train.steps=100000"))
+    wait_for(lambda: (out / "checkpoint.pt").exists())
+    proc.kill()
+    proc.wait()
+    step = torch.load(out / "checkpoint.pt")["state"]["step"]
+    resume_then_stop(bin_dir, out, step, "train.steps=100000")
+
+
+def test_a_full_disk_is_one_line_and_records_no_result(mnist_root, bin_dir, tmp_path):
+    """torch.save failing as on a full disk, in the real command (a patched interpreter)."""
+    out = tmp_path / "run"
+    patch = (
+        "import errno, sys, torch\n"
+        "def full(obj, f, *a, **k):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device', str(f))\n"
+        "torch.save = full\n"
+        "from stnbench.cli.train import main\n"
+        "sys.argv = ['stnbench-train', *sys.argv[1:]]\n"
+        "sys.exit(main())\n"
+    )
+    args = [*RUN, "train.steps=40", f"hydra.run.dir={out}"]
+    result = subprocess.run(
+        [sys.executable, "-c", patch, *args], capture_output=True, text=True, timeout=120
+    )
+    line = one_line(result, 1)
+    assert line.startswith(f"stnbench-train: error: {out}: failed: OSError: [Errno 28] No space")
+    assert "the traceback is in its train.log; rerun the same command to retry" in line
+    assert "Traceback (most recent call last)" in (out / "train.log").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["test_error"] is None
+
+
+def test_an_output_dir_that_cannot_be_made_is_one_line(bin_dir, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    line = one_line(run(bin_dir, blocker / "run", "train.steps=40"), 1)
+    assert line.startswith("stnbench-train: error: Not a directory writing ")
+    assert "rerun the same command" in line
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data=r", "data.recipe.canvas=8"], "data.recipe.canvas must be an integer >= 28"),
+        (["data=rts", "model=st_cnn", "model.out_size=60"], "model.out_size must be at most"),
+        (["data.train_size=60000"], "data.train_size must be an integer in [1, 50000] or null"),
+        (["train.val_size=20000"], "train.val_size must be an integer in [1, 10000] or null"),
+    ],
+)
+def test_settings_that_cannot_mean_anything_are_refused(bin_dir, tmp_path, overrides, message):
+    out = tmp_path / "run"
+    line = one_line(run(bin_dir, out, *overrides), 2)
+    assert message in line
+    assert not out.exists()
