@@ -10,6 +10,7 @@ found under (stnbench-report's DIR), so folders holding different protocols draw
 against seconds, a line per (row, protocol), the seeds' min-max shaded.
 """
 
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +20,8 @@ from stnbench.files import atomic_path
 
 DONE = ("ok", "collapsed", "diverged")  # runs whose curves are whole
 STYLES = ("-", "--", ":", "-.")  # a line style per protocol
+# TensorBoard's reader logs its file bookkeeping at INFO ("No path found after ..."): not ours
+logging.getLogger("tensorboard").setLevel(logging.WARNING)
 
 
 def events(folder: str | Path) -> pd.DataFrame:
