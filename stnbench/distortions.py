@@ -11,7 +11,9 @@ with A = R(rotation) Sh(shear) S(scale) and t the shift. The warp itself runs th
 - projective (``corner_sigma`` > 0): the digit's 4 corners land at A c + t + e, e ~ N(0, sigma)
   px per coordinate, and the homography through those 4 pairs is the warp (exact). Offsets that
   fold the corners into a non-convex quad are drawn again: no homography shows a square that way
-  (the image would tear along the line at infinity); about 1.4% of draws at sigma = 5 px;
+  (the image would tear along the line at infinity); about 1.4% of draws at sigma = 5 px.
+  ``perspective_first`` reads the recipe the other way round: corners moved by sigma on the
+  28 px digit, then scaled, so the offsets shrink with it (sigma x s);
 - tps (``tps_sigma`` > 0): the canvas' 16 regular control points are moved by e ~ N(0, sigma) px
   before mapping back through the affine part, so each samples the digit at A^-1 (c + e - t)
   (to first order the same as moving the digit's control points forward by e).
@@ -62,6 +64,8 @@ class Recipe(Checked):
     # extra shift ~ U[-t, t] x canvas per axis (torchvision's convention)
     translation: float = setting(0.0, "a number >= 0", number(0))
     corner_sigma: float = setting(0.0, "a number >= 0", number(0))  # px: projective corners
+    # the corner offsets shrink with the digit (perspective drawn at 28 px, then scaled)
+    perspective_first: bool = False
     tps_sigma: float = setting(0.0, "a number >= 0", number(0))  # px: TPS control points
     # patches cut from other digits of the split, added, then clipped to [0, 1]
     clutter: int = setting(0, "an integer >= 0", integer(0))
@@ -96,6 +100,8 @@ class Recipe(Checked):
         for name in ("rotation", "shear"):  # integers in version 1's configs: the same digests
             if float(values[name]).is_integer():
                 values[name] = int(values[name])
+        if not values["perspective_first"]:  # added later: recipes without it keep their digests
+            del values["perspective_first"]
         text = json.dumps({"version": VERSION, **values}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -132,10 +138,12 @@ def sample_transform(recipe: Recipe, n: int, gen: torch.Generator) -> tuple[str,
     if recipe.kind == "projective":
         corners = torch.tensor([[-1.0, -1], [1, -1], [-1, 1], [1, 1]], dtype=f64)  # (4, 2)
         square = (corners * half_in) @ a.transpose(1, 2) + t[:, None]  # (n, 4, 2) px
-        landed = square + recipe.corner_sigma * torch.randn(n, 4, 2, generator=gen, dtype=f64)
+        shrink = s if recipe.perspective_first else torch.ones_like(s)
+        sigma = recipe.corner_sigma * shrink[:, None, None]  # (n, 1, 1) px
+        landed = square + sigma * torch.randn(n, 4, 2, generator=gen, dtype=f64)
         while (bad := ~_convex(landed)).any():  # a folded quad is no view of a square: redraw
             redraw = torch.randn(int(bad.sum()), 4, 2, generator=gen, dtype=f64)
-            landed[bad] = square[bad] + recipe.corner_sigma * redraw
+            landed[bad] = square[bad] + sigma[bad] * redraw
         return "projective", geometry.homography(landed / half_out, corners.expand(n, 4, 2)).float()
     if recipe.kind == "tps":
         ctrl = geometry.tps_control_points(f64) * half_out  # (16, 2) canvas px

@@ -98,6 +98,20 @@ def test_p_moves_corners_by_5_px_after_scaling(val):
     assert 0.6 < (out.sum((1, 2, 3)) / images.sum((1, 2, 3))).mean() < 0.85
 
 
+def test_perspective_first_shrinks_the_corner_offsets_with_the_digit():
+    # the same draws: at scale 0.5, 4 px offsets drawn before scaling are 2 px offsets after it
+    first = Recipe(scale=(0.5, 0.5), corner_sigma=4, perspective_first=True)
+    after = Recipe(scale=(0.5, 0.5), corner_sigma=2)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    kind, params = sample_transform(first, 500, gen())
+    assert kind == "projective"
+    torch.testing.assert_close(params, sample_transform(after, 500, gen())[1])
+    literal = sample_transform(dataclasses.replace(after, corner_sigma=4), 500, gen())[1]
+    assert not torch.allclose(params, literal)
+    # an option added later leaves the datasets made without it as they were (digest of P before)
+    assert data.recipe("p_literal").key_digest() == "905d3d52888f"
+
+
 def test_e_moves_control_points_by_1_5_px_after_scaling(val):
     images, _ = val
     out, kind, params = draw("e", images)
@@ -204,7 +218,7 @@ def test_fresh_draws_differ_per_epoch_and_never_touch_test(val):
 
 
 def test_bad_names_and_values():
-    names = "e, p, plain, r, rts, seed40, tc"
+    names = "e, p, p_chen, p_first, p_literal, plain, r, rts, seed40, tc"
     with pytest.raises(StnbenchError, match=f"unknown dataset 'rst'; expected one of {names}"):
         data.load("rst", "train")
     with pytest.raises(
