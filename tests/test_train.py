@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from stnbench import geometry, models
 from stnbench.cli import load_config
+from stnbench.data import recipes
 from stnbench.train import lr_factor, train
 
 TINY = [
@@ -425,7 +426,7 @@ def test_hydra_help_cfg_and_shell_completion(bin_dir, tmp_path):
         return cli(bin_dir, tmp_path, *args)
 
     r = run("--help")
-    assert r.returncode == 0 and "data: e, p, p_chen, p_first, p_literal, plain, r, rts, seed40, tc" in r.stdout
+    assert r.returncode == 0 and f"data: {', '.join(sorted(recipes()))}" in r.stdout
     r = run("experiment=quick", "model=cnn", "--cfg", "job")
     assert r.returncode == 0 and "steps: 600" in r.stdout and "name: cnn" in r.stdout
     r = run("--shell-completion", "install=bash")
