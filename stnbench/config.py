@@ -21,7 +21,7 @@ from stnbench.optim import OPTIMIZERS, SCHEDULES
 
 # settings that change no result: left out of run folder names and of the comparison of a
 # folder's run with a command's
-NO_EFFECT = ("device", "data.root", "train.progress")
+NO_EFFECT = ("device", "data.root", "train.progress", "optimized_metric")
 BOOL = "true or false"
 POSITIVE = "an integer >= 1"
 VAL = data.SPLIT_SIZES["val"]
@@ -139,6 +139,12 @@ class TrainJob(Checked):
     optim: Optim = field(default_factory=Optim)
     schedule: Schedule = field(default_factory=Schedule)
     train: Train = field(default_factory=Train)
+    # the metrics.json key a search minimises (set by conf/hparams_search; stnbench.search)
+    optimized_metric: str | None = setting(
+        None,
+        "null or one of best_val_error, val_error",
+        one_of(None, "best_val_error", "val_error"),
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -157,6 +163,31 @@ class TrainJob(Checked):
             )
         with torch.device("meta"):  # what only building the model tells: shapes, the budget
             models.from_config(asdict(self.model), asdict(self.transform), self.data.canvas)
+
+
+@dataclass
+class LrFind(Checked):
+    key: ClassVar[str] = "lr_find"
+    start: float = setting(1e-4, "a number > 0", number(0, lo_open=True))  # the first lr
+    end: float = setting(10.0, "a number > 0", number(0, lo_open=True))  # the last lr
+    steps: int = setting(100, "an integer >= 3", integer(3))  # lrs tried, one step each
+    smoothing: float = setting(0.9, "a number in [0, 1)", number(0, 1, hi_open=True))
+    diverge: float = setting(4.0, "a number > 1", number(1, lo_open=True))  # x the lowest loss
+    # grid distance from the identity (half-widths) where a localisation net counts as collapsed
+    collapse: float = setting(0.5, "a number > 0", number(0, lo_open=True))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.end <= self.start:
+            raise self.bad("end", f"a number > lr_find.start ({self.start})")
+
+
+@dataclass
+class LrFindJob(TrainJob):
+    """stnbench-lr-find's configuration (conf/stnbench_lr_find.yaml): a training run's, and the
+    range test's own."""
+
+    lr_find: LrFind = field(default_factory=LrFind)
 
 
 @dataclass
@@ -201,7 +232,7 @@ def run_name(data_name: str, model: str, kind: str) -> str:
 
 def folder_excludes() -> list[str]:
     """Settings left out of a run folder's override part: already in its path, or NO_EFFECT."""
-    return ["data", "model", "transform", "seed", *NO_EFFECT]
+    return ["data", "model", "transform", "seed", "hparams_search", *NO_EFFECT]
 
 
 def recipe_of(cfg: DictConfig) -> Recipe | None:
@@ -240,5 +271,6 @@ class CheckedSweeperConf:
 OmegaConf.register_new_resolver("stnbench_run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("stnbench_folder_excludes", folder_excludes, replace=True)
 ConfigStore.instance().store(name="stnbench_train_schema", node=TrainJob)
+ConfigStore.instance().store(name="stnbench_lr_find_schema", node=LrFindJob)
 ConfigStore.instance().store(name="stnbench_data_schema", node=DataJob)
 ConfigStore.instance().store(group="hydra/sweeper", name="stnbench", node=CheckedSweeperConf)

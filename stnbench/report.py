@@ -59,11 +59,14 @@ STATUSES = ("ok", "collapsed", "diverged", "failed", "unfinished", "unreadable")
 FLAGS = {**{s: s for s in STATUSES[1:]}, "dead": "dead transformer"}
 # Settings that should agree within one cell; the report warns where they do not.
 BUDGET = ("optim", "schedule", "planned_steps", "batch_size", "train_size", "loc_lr_mult")
+SEARCHED = "searched"  # a row's loc_lr_mult when its runs are a search's trials
 
 
 def row_label(model: str, transform: str | None, residual=False, tanh=False, loc_lr_mult=1) -> str:
     """The table's row name: the paper's where it has one, variants marked after it. A run has
-    a transformer when it records a transform (metrics.json's ``transform``, from models.is_st)."""
+    a transformer when it records a transform (metrics.json's ``transform``, from models.is_st).
+    ``loc_lr_mult`` is SEARCHED for the trials of a search (hparams_search), whose multipliers
+    differ from trial to trial like their lrs."""
     st = isinstance(transform, str)
     transform = transform if st else None
     label = ROWS.get((model, transform))
@@ -73,7 +76,9 @@ def row_label(model: str, transform: str | None, residual=False, tanh=False, loc
         if st:
             label += " " + (kind.label if kind else transform)
     marks = ["tanh" if tanh else "residual"] if tanh or residual else []
-    if st and not pd.isna(loc_lr_mult) and loc_lr_mult != 1:  # None / NaN: not recorded
+    if st and loc_lr_mult == SEARCHED:
+        marks.append("loc lr searched")
+    elif st and not pd.isna(loc_lr_mult) and loc_lr_mult != 1:  # None / NaN: not recorded
         marks.append(f"loc lr x{loc_lr_mult:g}")
     return label + (f" ({', '.join(marks)})" if marks else "")
 
@@ -126,10 +131,11 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
     runs = pd.DataFrame(list(records.values()))
     runs.attrs["unreadable"] = unreadable  # warnings() names them
     for key in ("transform", "residual", "tanh", "loc_lr_mult", "test_error", "val_error",
-                "transformer_dead"):  # fmt: skip
+                "transformer_dead", "searched"):  # fmt: skip
         if key not in runs:
             runs[key] = None
-    columns = [runs[k] for k in ("model", "transform", "residual", "tanh", "loc_lr_mult")]
+    loc = runs.loc_lr_mult.where(runs.searched.ne(True), SEARCHED)
+    columns = [runs[k] for k in ("model", "transform", "residual", "tanh")] + [loc]
     runs["row"] = [
         row_label(m, t, r is True, h is True, lm) for m, t, r, h, lm in zip(*columns, strict=True)
     ]
@@ -215,6 +221,8 @@ def warnings(runs: pd.DataFrame) -> list[str]:
     done = runs[~runs.status.isin(["unfinished", "unreadable"])]
     for (row, data), g in done.groupby(["row", "data"]):
         for key in BUDGET:
+            if key == "loc_lr_mult" and g.searched.eq(True).all():  # searched, like the lr
+                continue
             if key in g and g[key].nunique(dropna=True) > 1:
                 values = ", ".join(map(str, sorted(g[key].dropna().unique())))
                 out.append(f"{row} on {data}: runs differ in {key} ({values})")

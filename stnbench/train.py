@@ -96,6 +96,7 @@ def settings(cfg: DictConfig) -> dict:
         "train_size": min(cfg.data.train_size or data.TRAIN_SIZE, data.TRAIN_SIZE),
         "seed": cfg.seed,
         "data_seed": cfg.data.seed,
+        "searched": bool(cfg.get("optimized_metric")),  # a trial of a search (hparams_search)
         "torch": torch.__version__,
     }
 

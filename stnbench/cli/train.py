@@ -23,11 +23,12 @@ from hydra.core.plugins import Plugins
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra_plugins.stnbench_launcher.vectorized_launcher import VectorizedLauncher
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from stnbench.cli import run
 from stnbench.config import check
 from stnbench.errors import StnbenchError, one_line
+from stnbench.search import objective
 
 PROG = "stnbench-train"
 log = logging.getLogger(PROG)
@@ -35,7 +36,13 @@ OUTCOMES = collections.Counter()  # statuses of this process's jobs (the sequent
 
 
 @hydra.main(config_path="pkg://stnbench.conf", config_name="stnbench_train", version_base="1.3")
-def app(cfg: DictConfig) -> dict | None:
+def app(cfg: DictConfig) -> dict | float | None:
+    """One job: its metrics, or in a search (hparams_search) the number the study minimises."""
+    metrics = job(cfg)
+    return objective(cfg, metrics) if cfg.optimized_metric else metrics
+
+
+def job(cfg: DictConfig) -> dict | None:
     from stnbench.train import record_failure, train
 
     hc = HydraConfig.get()
@@ -52,10 +59,11 @@ def app(cfg: DictConfig) -> dict | None:
         to_log_file(e)
         failed = f"{out}: failed: {type(e).__name__}: {one_line(e)[:300]}"
         failed += "; the traceback is in its train.log"
-        return ended(
+        ended(
             1, f"{failed}; recorded in metrics.json, retried when the sweep is rerun", sweep,
             f"{failed}; rerun the same command to retry (it resumes)", metrics["status"],
         )  # fmt: skip
+        return metrics
     OUTCOMES[metrics["status"]] += 1
     if not sweep:
         where = os.path.relpath(out)
@@ -92,7 +100,10 @@ def interrupt(signum, frame):
 class Checks(Callback):
     """A single run's settings checked before its folder is made; after a sweep, how its jobs
     ended (when they ran in this process), where to point TensorBoard and how to make the table
-    (each job prints only to its log)."""
+    (each job prints only to its log). ``prog`` names the command in its messages."""
+
+    def __init__(self, prog: str = PROG):
+        self.prog = prog
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         def checks():
@@ -103,8 +114,13 @@ class Checks(Callback):
                 )
             check(config)
 
-        if code := run(PROG, checks):  # Hydra turns a callback's exception into a warning
+        if code := run(self.prog, checks):  # Hydra turns a callback's exception into a warning
             sys.exit(code)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if config.get("optimized_metric"):  # a search: what its trials share, before the first
+            if code := run(self.prog, lambda: check(config)):
+                sys.exit(code)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if OUTCOMES:
@@ -112,6 +128,11 @@ class Checks(Callback):
             print(f"{PROG}: {sum(OUTCOMES.values())} jobs: {counts}")
         print(f"TensorBoard: tensorboard --logdir {config.hydra.sweep.dir}")
         print(f"Table: stnbench-report {config.hydra.sweep.dir}")
+        found = Path(config.hydra.sweep.dir) / "optimization_results.yaml"  # Optuna's sweeper's
+        if config.get("optimized_metric") and found.exists():
+            best = OmegaConf.load(found)
+            params = " ".join(f"{k}={v:.3g}" for k, v in best.best_params.items())
+            print(f"Best: {params} ({config.optimized_metric} {best.best_value:g}%) -> {found}")
 
 
 def main() -> int:

@@ -1,0 +1,132 @@
+"""The learning-rate range test (Smith 2017, what fastai's lr_find and Lightning's Tuner.lr_find
+do): a short run of the configured training with the lr rising exponentially from
+``lr_find.start`` to ``lr_find.end``, the loss smoothed (an exponential moving average,
+bias-corrected), stopped once the smoothed loss exceeds ``lr_find.diverge`` times its minimum.
+
+The suggestion is the lr where the smoothed loss falls fastest against log(lr) (Lightning's),
+skipping the first tenth of the range and the lrs where the loss is not below the untrained
+model's (a range that diverges from its start has none: then there is no suggestion).
+
+For ST models the test also follows the localisation net: after each step, how far the sampling
+grid of the batch's transforms lies from the identity grid (root mean square, in half-widths of
+the image). A localisation net pushed too hard stops following its input and predicts an
+extreme transform; the lr where that distance first passes ``lr_find.collapse`` is reported,
+and the suggestion is taken only among the lrs below it.
+
+Writes ``lr_find.csv`` and ``lr_find.png`` into the run's folder; returns the summary.
+"""
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from stnbench import device, geometry, models
+from stnbench.optim import make_optimizer
+from stnbench.train import batches, build_model, load_splits, train_step
+
+log = logging.getLogger(__name__)
+GRID = (8, 8)  # where the grid's distance from the identity is measured (enough for any kind)
+
+
+def range_test(cfg: DictConfig, out: Path) -> dict:
+    """Run the test; write lr_find.csv and lr_find.png under ``out``; return the summary."""
+    f, out = cfg.lr_find, Path(out)
+    dev = device.resolve(cfg.device)
+    d = load_splits(cfg, dev)
+    model = build_model(cfg, d.canvas, dev)
+    opt = make_optimizer(model, cfg.optim)
+    st = models.is_st(cfg.model.name)
+    stream = batches(cfg, d, 0)
+    rows, ema, lowest = [], 0.0, math.inf
+    model.train()
+    for step in range(f.steps):
+        lr = f.start * (f.end / f.start) ** (step / max(1, f.steps - 1))
+        for group in opt.param_groups:  # the localisation net keeps its share (loc_lr_mult)
+            group["lr"] = group["base_lr"] / cfg.optim.lr * lr
+        x, y = next(stream)
+        loss = train_step(model, opt, x, y, cfg.train.label_smoothing)[0].item()
+        ema = f.smoothing * ema + (1 - f.smoothing) * loss
+        smoothed = ema / (1 - f.smoothing ** (step + 1))
+        row = {"step": step, "lr": lr, "loss": loss, "smoothed_loss": smoothed}
+        if st:
+            row["grid_distance"] = grid_distance(model.transformer, x)
+        rows.append(row)
+        if not math.isfinite(row["smoothed_loss"]) or row["smoothed_loss"] > f.diverge * lowest:
+            log.info("stopped at lr %.3g (step %d): the smoothed loss diverged", lr, step)
+            break
+        lowest = min(lowest, row["smoothed_loss"])
+    frame = pd.DataFrame(rows)
+    summary = suggest(frame, f)
+    frame.to_csv(out / "lr_find.csv", index=False)
+    plot(frame, summary, out / "lr_find.png")
+    return summary
+
+
+@torch.no_grad()
+def grid_distance(transformer, x: torch.Tensor) -> float:
+    """RMS distance of the batch's sampling grids from the identity grid, in half-widths."""
+    p = transformer.params(x)
+    moved = geometry.grid(transformer.kind, p, GRID)
+    still = geometry.grid(transformer.kind, transformer.identity.expand_as(p), GRID)
+    return (moved - still).pow(2).sum(-1).mean().sqrt().item()
+
+
+def suggest(frame: pd.DataFrame, f) -> dict:
+    """The suggested lr: the steepest fall of the smoothed loss against log lr, the first tenth
+    skipped, among the lrs where it lies below the untrained model's loss and, for ST models,
+    below the collapse lr (None if the loss never fell); the collapse lr (None if never
+    reached) and where the test stopped."""
+    collapse_lr = None
+    if "grid_distance" in frame:
+        over = frame[frame.grid_distance.rolling(5, min_periods=1).mean() > f.collapse]
+        collapse_lr = None if over.empty else float(over.lr.iloc[0])
+    usable = frame.iloc[len(frame) // 10 :]  # where the loss has fallen below its start
+    usable = usable[usable.smoothed_loss < frame.loss.iloc[0]]
+    if collapse_lr is not None:
+        usable = usable[usable.lr < collapse_lr]
+    suggested = None
+    if len(usable) >= 3:
+        slope = np.gradient(usable.smoothed_loss.to_numpy(), np.log(usable.lr.to_numpy()))
+        if slope.min() < 0:
+            suggested = float(usable.lr.iloc[int(np.argmin(slope))])
+    return {"suggested_lr": suggested, "collapse_lr": collapse_lr,
+            "stopped_lr": float(frame.lr.iloc[-1]), "steps": len(frame)}  # fmt: skip
+
+
+def plot(frame: pd.DataFrame, summary: dict, path: Path) -> None:
+    """Loss against lr (log axis), the suggestion marked; the grid's distance for ST models."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st = "grid_distance" in frame
+    fig, axes = plt.subplots(1 + st, 1, figsize=(6, 3.2 * (1 + st)), sharex=True, squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(frame.lr, frame.loss, color="0.75", lw=0.8, label="loss")
+    ax.plot(frame.lr, frame.smoothed_loss, color="C0", label="smoothed")
+    finite = frame.smoothed_loss[frame.smoothed_loss.apply(math.isfinite)]
+    ax.set_ylim(finite.min() * 0.9, min(finite.max(), 4 * finite.min()) * 1.05)
+    ax.set_ylabel("training loss")
+    for a in axes[:, 0]:
+        a.set_xscale("log")
+        if summary["suggested_lr"]:
+            a.axvline(summary["suggested_lr"], color="C2", ls="--",
+                      label=f"suggested {summary['suggested_lr']:.3g}")  # fmt: skip
+        if summary["collapse_lr"]:
+            a.axvline(summary["collapse_lr"], color="C3", ls=":",
+                      label=f"localisation collapse {summary['collapse_lr']:.3g}")  # fmt: skip
+    if st:
+        axes[1, 0].plot(frame.lr, frame.grid_distance, color="C1", label="grid distance")
+        axes[1, 0].set_ylabel("grid's distance from\nthe identity (half-widths)")
+    axes[-1, 0].set_xlabel("learning rate")
+    for a in axes[:, 0]:
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

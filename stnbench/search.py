@@ -1,0 +1,21 @@
+"""Hyper-parameter search with Hydra's Optuna sweeper (conf/hparams_search/): the search space
+that depends on the model, and what a trial returns to the study."""
+
+from stnbench import models
+
+CHANCE = 90.0  # percent error of a guess among 10 classes
+LOC_LR_MULT = (0.03, 1.0)  # the localisation net's lr multiplier, searched on a log scale
+
+
+def st_params(cfg, trial) -> None:
+    """hparams_search's custom search space: for ST models, the localisation net's lr
+    multiplier too (the learning rate of the localisation net is what limits ST training)."""
+    if models.is_st(cfg.model.name):
+        trial.suggest_float("optim.loc_lr_mult", *LOC_LR_MULT, log=True)
+
+
+def objective(cfg, metrics: dict | None) -> float:
+    """A trial's result: its metrics' ``optimized_metric``; chance for a run that diverged,
+    collapsed, failed or was refused, so the study goes on and learns to avoid it."""
+    value = (metrics or {}).get(cfg.optimized_metric)
+    return CHANCE if value is None or metrics["status"] != "ok" else float(value)
