@@ -134,7 +134,13 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
                 "transformer_dead", "searched"):  # fmt: skip
         if key not in runs:
             runs[key] = None
-    loc = runs.loc_lr_mult.where(runs.searched.ne(True), SEARCHED)
+    loc = runs.loc_lr_mult.astype(float).fillna(1.0)  # not recorded: written before it was 1
+    # a multiplier marks a row only where it tells the model's runs apart (one protocol's
+    # multiplier is a training setting like its lr); a search's trials each have their own
+    loc = loc.where(
+        loc.groupby([runs.model, runs["transform"]], dropna=False).transform("nunique") > 1, 1.0
+    )
+    loc = loc.astype(object).where(runs.searched.ne(True), SEARCHED)
     columns = [runs[k] for k in ("model", "transform", "residual", "tanh")] + [loc]
     runs["row"] = [
         row_label(m, t, r is True, h is True, lm) for m, t, r, h, lm in zip(*columns, strict=True)

@@ -157,6 +157,17 @@ def test_a_localisation_lr_multiplier_is_a_row_of_its_own(tmp_path):
     assert table.loc["ST-CNN Aff (loc lr x0.1)", "n"] == 1
 
 
+def test_one_protocols_multiplier_marks_no_row(tmp_path):
+    """Where every run of a model trains its localisation net at 0.2x, that is the protocol, like
+    its lr: the row keeps the paper's name and number."""
+    r = tmp_path / "runs"
+    for seed in (0, 1):
+        run_folder(r, f"s{seed}", test=1.0, val=1.0, loc_lr_mult=0.2, seed=seed)
+    run_folder(r, "cnn", test=2.0, val=2.0, loc_lr_mult=0.2, model="cnn", transform=None)
+    table = report.cells(report.collect([r])).set_index("row")
+    assert set(table.index) == {"ST-CNN Aff", "CNN"} and table.loc["ST-CNN Aff", "n"] == 2
+
+
 def test_a_budget_unlike_the_papers_is_named_beside_its_number(tmp_path):
     r = tmp_path / "runs"
     run_folder(r, "a", test=1.0, val=1.0, planned_steps=2500, batch_size=64)
