@@ -75,9 +75,11 @@ def main() -> None:
     ap.add_argument("dirs", nargs="+", help="sweep folders (what stnbench-report reads)")
     ap.add_argument("--data", default="rts", help="the distortion (affine, no clutter)")
     ap.add_argument("--seed", type=int, default=0, help="the run whose images the PNG shows")
-    ap.add_argument("--png", default="docs/figures/rts_transformer_outputs.png")
-    ap.add_argument("--csv", default="docs/rts_pose.csv")
+    ap.add_argument("--png", help="default: docs/figures/<data>_transformer_outputs.png")
+    ap.add_argument("--csv", help="default: docs/<data>_pose.csv")
     args = ap.parse_args()
+    args.png = args.png or f"docs/figures/{args.data}_transformer_outputs.png"
+    args.csv = args.csv or f"docs/{args.data}_pose.csv"
 
     runs = report.collect(args.dirs)
     runs = runs[(runs.data == args.data) & runs["transform"].notna()]
