@@ -56,10 +56,10 @@ def range_test(cfg: DictConfig, out: Path) -> dict:
         if st:
             row["grid_distance"] = grid_distance(model.transformer, x)
         rows.append(row)
-        if not math.isfinite(row["smoothed_loss"]) or row["smoothed_loss"] > f.diverge * lowest:
+        if not math.isfinite(smoothed) or smoothed > f.diverge * lowest:
             log.info("stopped at lr %.3g (step %d): the smoothed loss diverged", lr, step)
             break
-        lowest = min(lowest, row["smoothed_loss"])
+        lowest = min(lowest, smoothed)
     frame = pd.DataFrame(rows)
     summary = suggest(frame, f)
     frame.to_csv(out / "lr_find.csv", index=False)
@@ -121,12 +121,12 @@ def plot(frame: pd.DataFrame, summary: dict, path: Path) -> None:
         if summary["collapse_lr"]:
             a.axvline(summary["collapse_lr"], color="C3", ls=":",
                       label=f"localisation collapse {summary['collapse_lr']:.3g}")  # fmt: skip
+        a.legend(fontsize=8)
     if st:
         axes[1, 0].plot(frame.lr, frame.grid_distance, color="C1", label="grid distance")
         axes[1, 0].set_ylabel("grid's distance from\nthe identity (half-widths)")
+        axes[1, 0].legend(fontsize=8)
     axes[-1, 0].set_xlabel("learning rate")
-    for a in axes[:, 0]:
-        a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
