@@ -77,9 +77,13 @@ def test_rts_places_and_scales_in_the_42_canvas(val):
     assert (centre.std(0) > 3.5).all()
 
 
-def test_p_moves_corners_by_5_px_after_scaling(val):
+@pytest.mark.parametrize(
+    "name, sigma_px, drawn_first",
+    [("p_literal", 5.0, False), ("p", 3.5, True)],  # p: 0.25 of every digit's half-side
+)
+def test_p_moves_corners_by_its_sigma(val, name, sigma_px, drawn_first):
     images, _ = val
-    out, kind, params = draw("p", images)
+    out, kind, params = draw(name, images)
     assert kind == "projective" and out.shape == images.shape
     # where the digit's corners landed (canvas px): the inverse homography at (+-1, +-1)
     hom = torch.cat([params.double(), torch.ones(len(params), 1, dtype=torch.float64)], 1)
@@ -92,8 +96,10 @@ def test_p_moves_corners_by_5_px_after_scaling(val):
     shift = landed.mean(1, keepdim=True)
     scale = ((landed - shift) * c).sum((1, 2)) / (c * c).sum()
     resid = landed - shift - scale[:, None, None] * c
+    if drawn_first:  # drawn on the 28 px digit, then scaled with it
+        resid = resid / scale[:, None, None]
     sigma = (resid.pow(2).sum() / (5 * len(resid))).sqrt()
-    assert abs(sigma - 5.0) < 0.25
+    assert abs(sigma - sigma_px) < 0.05 * sigma_px
     assert abs(scale.mean() - 0.875) < 0.01
     assert 0.6 < (out.sum((1, 2, 3)) / images.sum((1, 2, 3))).mean() < 0.85
 
