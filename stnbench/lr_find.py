@@ -4,14 +4,17 @@ do): a short run of the configured training with the lr rising exponentially fro
 bias-corrected), stopped once the smoothed loss exceeds ``lr_find.diverge`` times its minimum.
 
 The suggestion is the lr where the smoothed loss falls fastest against log(lr) (Lightning's),
-skipping the first tenth of the range and the lrs where the loss is not below the untrained
+skipping the first tenth of the steps run and the lrs where the loss is not below the untrained
 model's (a range that diverges from its start has none: then there is no suggestion).
 
 For ST models the test also follows the localisation net: after each step, how far the sampling
 grid of the batch's transforms lies from the identity grid (root mean square, in half-widths of
 the image). A localisation net pushed too hard stops following its input and predicts an
-extreme transform; the lr where that distance first passes ``lr_find.collapse`` is reported,
-and the suggestion is taken only among the lrs below it.
+extreme transform; the lr where that distance, averaged over 5 steps, first passes
+``lr_find.collapse`` is reported, and the suggestion is taken only among the lrs below it. (A
+trained transformer may lie far from the identity, e.g. one undoing R's rotations at about 0.7;
+a range test starts untrained and lasts too few steps for that, so there the distance measures
+a runaway.)
 
 Writes ``lr_find.csv`` and ``lr_find.png`` into the run's folder; returns the summary.
 """
@@ -26,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from stnbench import device, geometry, models
-from stnbench.optim import make_optimizer
+from stnbench.optim import make_optimizer, set_lr
 from stnbench.train import batches, build_model, load_splits, train_step
 
 log = logging.getLogger(__name__)
@@ -46,8 +49,7 @@ def range_test(cfg: DictConfig, out: Path) -> dict:
     model.train()
     for step in range(f.steps):
         lr = f.start * (f.end / f.start) ** (step / max(1, f.steps - 1))
-        for group in opt.param_groups:  # the localisation net keeps its share (loc_lr_mult)
-            group["lr"] = group["base_lr"] / cfg.optim.lr * lr
+        set_lr(opt, lr / cfg.optim.lr)  # the localisation net keeps its share (loc_lr_mult)
         x, y = next(stream)
         loss = train_step(model, opt, x, y, cfg.train.label_smoothing)[0].item()
         ema = f.smoothing * ema + (1 - f.smoothing) * loss

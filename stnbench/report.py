@@ -65,8 +65,8 @@ SEARCHED = "searched"  # a row's loc_lr_mult when its runs are a search's trials
 def row_label(model: str, transform: str | None, residual=False, tanh=False, loc_lr_mult=1) -> str:
     """The table's row name: the paper's where it has one, variants marked after it. A run has
     a transformer when it records a transform (metrics.json's ``transform``, from models.is_st).
-    ``loc_lr_mult`` is SEARCHED for the trials of a search (hparams_search), whose multipliers
-    differ from trial to trial like their lrs."""
+    ``loc_lr_mult`` is SEARCHED for the trials of a search (hparams_search), whose lrs and
+    multipliers differ from trial to trial."""
     st = isinstance(transform, str)
     transform = transform if st else None
     label = ROWS.get((model, transform))
@@ -76,8 +76,8 @@ def row_label(model: str, transform: str | None, residual=False, tanh=False, loc
         if st:
             label += " " + (kind.label if kind else transform)
     marks = ["tanh" if tanh else "residual"] if tanh or residual else []
-    if st and loc_lr_mult == SEARCHED:
-        marks.append("loc lr searched")
+    if loc_lr_mult == SEARCHED:  # a search's trials: their own row, apart from any grid's
+        marks.append("searched")
     elif st and not pd.isna(loc_lr_mult) and loc_lr_mult != 1:  # None / NaN: not recorded
         marks.append(f"loc lr x{loc_lr_mult:g}")
     return label + (f" ({', '.join(marks)})" if marks else "")
@@ -137,8 +137,9 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
     loc = runs.loc_lr_mult.astype(float).fillna(1.0)  # not recorded: written before it was 1
     # a multiplier marks a row only where it tells the model's runs apart (one protocol's
     # multiplier is a training setting like its lr); a search's trials each have their own
+    grid = loc.where(runs.searched.ne(True))  # a search's trials do not relabel the grid's runs
     loc = loc.where(
-        loc.groupby([runs.model, runs["transform"]], dropna=False).transform("nunique") > 1, 1.0
+        grid.groupby([runs.model, runs["transform"]], dropna=False).transform("nunique") > 1, 1.0
     )
     loc = loc.astype(object).where(runs.searched.ne(True), SEARCHED)
     columns = [runs[k] for k in ("model", "transform", "residual", "tanh")] + [loc]

@@ -1,7 +1,10 @@
 """Hyper-parameter search with Hydra's Optuna sweeper (conf/hparams_search/): the search space
 that depends on the model, and what a trial returns to the study."""
 
+from omegaconf import DictConfig
+
 from stnbench import models
+from stnbench.errors import StnbenchError
 
 CHANCE = 90.0  # percent error of a guess among 10 classes
 LOC_LR_MULT = (0.03, 1.0)  # the localisation net's lr multiplier, searched on a log scale
@@ -12,6 +15,19 @@ def st_params(cfg, trial) -> None:
     multiplier too (the learning rate of the localisation net is what limits ST training)."""
     if models.is_st(cfg.model.name):
         trial.suggest_float("optim.loc_lr_mult", *LOC_LR_MULT, log=True)
+
+
+def check_space(config: DictConfig) -> None:
+    """Refuse a search that would also search what the command line did not ask for: a sweep an
+    experiment brings (fast_table1's ``seed: 0,1,2``) would let the study pick the luckiest seed."""
+    asked = {override.split("=", 1)[0].lstrip("+~") for override in config.hydra.overrides.task}
+    for key, value in config.hydra.sweeper.params.items():
+        if not key.startswith("optim.") and key not in asked and any(c in str(value) for c in ",("):
+            raise StnbenchError(
+                f"hydra.sweeper.params.{key}: a search tunes optim.* only; got the sweep "
+                f"'{value}' from the config (an experiment's); pin it, e.g. "
+                f"{key}={str(value).split(',')[0]}"
+            )
 
 
 def objective(cfg, metrics: dict | None) -> float:

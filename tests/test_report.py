@@ -168,6 +168,19 @@ def test_one_protocols_multiplier_marks_no_row(tmp_path):
     assert set(table.index) == {"ST-CNN Aff", "CNN"} and table.loc["ST-CNN Aff", "n"] == 2
 
 
+def test_a_searchs_trials_are_rows_of_their_own_and_leave_the_grids_labels(tmp_path):
+    grid, search = tmp_path / "grid", tmp_path / "search"
+    for seed in (0, 1):
+        run_folder(grid, f"s{seed}", test=1.0, val=1.0, loc_lr_mult=0.2, seed=seed)
+    run_folder(grid, "cnn", test=2.0, val=2.0, model="cnn")
+    for i, (lr, mult) in enumerate([(0.01, 0.5), (0.1, 0.05)]):
+        run_folder(search, f"st{i}", test=3.0, val=3.0, lr=lr, loc_lr_mult=mult, searched=True)
+        run_folder(search, f"cnn{i}", test=4.0, val=4.0, lr=lr, model="cnn", searched=True)
+    rows = set(report.collect([grid, search]).row)
+    assert rows == {"ST-CNN Aff", "CNN", "ST-CNN Aff (searched)", "CNN (searched)"}
+    assert rows - {"ST-CNN Aff (searched)", "CNN (searched)"} == set(report.collect([grid]).row)
+
+
 def test_a_budget_unlike_the_papers_is_named_beside_its_number(tmp_path):
     r = tmp_path / "runs"
     run_folder(r, "a", test=1.0, val=1.0, planned_steps=2500, batch_size=64)

@@ -3,13 +3,16 @@
 import json
 
 import matplotlib.image
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 from test_sweeps import cli
 
-from stnbench import report
+from stnbench import models, report
+from stnbench.lr_find import grid_distance, suggest
 from stnbench.search import CHANCE, objective
 
 TINY = [
@@ -65,6 +68,29 @@ def test_lr_find_refuses_bad_settings_in_one_line(bin_dir, tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_the_suggestion_is_the_steepest_fall_and_stays_below_the_collapse():
+    lr = np.logspace(-4, 1, 51)
+    loss = 2.3 - 2 / (1 + (lr / 1e-2) ** -3)  # falls fastest at 1e-2 against log lr
+    frame = pd.DataFrame({"lr": lr, "loss": loss, "smoothed_loss": loss})
+    f = OmegaConf.create({"collapse": 0.5})
+    assert suggest(frame, f)["suggested_lr"] == pytest.approx(1e-2)
+    assert suggest(frame, f)["collapse_lr"] is None
+    # the localisation net runs away from 4e-3 (lr[16]): averaged over 5 steps, past 0.5 at the
+    # 3rd lr, below the loss's steepest fall, so the suggestion moves below the collapse
+    frame["grid_distance"] = np.where(lr >= lr[16], 1.0, 0.0)
+    found = suggest(frame, f)
+    assert found["collapse_lr"] == pytest.approx(lr[18])
+    assert lr[5] <= found["suggested_lr"] < lr[18]
+    # a loss that never falls below the untrained model's: no suggestion
+    rising = frame.assign(smoothed_loss=2.3 + lr, loss=2.3 + lr)
+    assert suggest(rising, f)["suggested_lr"] is None
+
+
+def test_an_untrained_transformer_is_at_distance_0_from_the_identity():
+    net = models.build("st_cnn", "affine", 28)
+    assert grid_distance(net.transformer, torch.rand(8, 1, 28, 28)) == 0.0
+
+
 def test_a_trial_that_did_not_end_ok_counts_as_chance():
     cfg = OmegaConf.create({"optimized_metric": "best_val_error"})
     assert objective(cfg, {"status": "ok", "best_val_error": 3.5}) == 3.5
@@ -104,15 +130,23 @@ def test_optuna_search_survives_diverging_trials_and_reports_the_best(
     assert len(list(sweep.rglob("metrics.json"))) == 4
     # the report: one row of trials, their errors against lr
     runs = report.collect([sweep])
-    assert set(runs.row) == {"ST-FCN Aff (loc lr searched)"}
+    assert set(runs.row) == {"ST-FCN Aff (searched)"}
     assert not report.warnings(runs)
     written = {p.name for p in report.write(runs, tmp_path)}
     assert {"table.md", "lr.png", "table_lr.md"} <= written
 
 
 @pytest.mark.slow
-def test_a_search_with_bad_settings_is_refused_before_any_trial(bin_dir, tmp_path):
-    r = cli(bin_dir, tmp_path, "stnbench-train", "-m", "hparams_search=lr", "optim.momentum=2")
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (["optim.momentum=2"], "optim.momentum"),
+        # fast_table1 sweeps seeds; a search must not pick the luckiest (data and row are pinned)
+        (["experiment=fast_table1", "data=r", "row=cnn"], "hydra.sweeper.params.seed: a search"),
+    ],
+)
+def test_a_search_with_bad_settings_is_refused_before_any_trial(bin_dir, tmp_path, args, error):
+    r = cli(bin_dir, tmp_path, "stnbench-train", "-m", "hparams_search=lr", *args)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("stnbench-train: error: optim.momentum")
+    assert r.stderr.strip().splitlines()[-1].startswith(f"stnbench-train: error: {error}")
     assert not list(tmp_path.rglob("metrics.json"))

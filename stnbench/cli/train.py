@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from stnbench.cli import run
 from stnbench.config import check
 from stnbench.errors import StnbenchError, one_line
-from stnbench.search import objective
+from stnbench.search import check_space, objective
 
 PROG = "stnbench-train"
 log = logging.getLogger(PROG)
@@ -119,13 +119,13 @@ class Checks(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if config.get("optimized_metric"):  # a search: what its trials share, before the first
-            if code := run(self.prog, lambda: check(config)):
+            if code := run(self.prog, lambda: (check_space(config), check(config))):
                 sys.exit(code)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if OUTCOMES:
             counts = ", ".join(f"{n} {status}" for status, n in sorted(OUTCOMES.items()))
-            print(f"{PROG}: {sum(OUTCOMES.values())} jobs: {counts}")
+            print(f"{self.prog}: {sum(OUTCOMES.values())} jobs: {counts}")
         print(f"TensorBoard: tensorboard --logdir {config.hydra.sweep.dir}")
         print(f"Table: stnbench-report {config.hydra.sweep.dir}")
         found = Path(config.hydra.sweep.dir) / "optimization_results.yaml"  # Optuna's sweeper's
