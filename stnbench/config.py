@@ -225,6 +225,17 @@ def check(cfg: DictConfig) -> None:
     OmegaConf.to_object(cfg)
 
 
+def unpinned_sweeps(config: DictConfig) -> dict[str, str]:
+    """The sweeps a config brings (hydra.sweeper.params, e.g. an experiment's ``seed: 0,1,2``)
+    that the command line did not pin to one value: key -> the sweep."""
+    asked = {override.split("=", 1)[0].lstrip("+~") for override in config.hydra.overrides.task}
+    params = config.hydra.sweeper.get("params") or {}
+    return {
+        key: str(value) for key, value in params.items()
+        if key not in asked and any(c in str(value) for c in ",(")
+    }  # fmt: skip
+
+
 def run_name(data_name: str, model: str, kind: str) -> str:
     """A run folder's first part: what it trains on and with, its transform only if it has one."""
     return f"{data_name}_{model}_{kind}" if models.is_st(model) else f"{data_name}_{model}"

@@ -4,6 +4,7 @@ that depends on the model, and what a trial returns to the study."""
 from omegaconf import DictConfig
 
 from stnbench import models
+from stnbench.config import unpinned_sweeps
 from stnbench.errors import StnbenchError
 
 CHANCE = 90.0  # percent error of a guess among 10 classes
@@ -20,13 +21,12 @@ def st_params(cfg, trial) -> None:
 def check_space(config: DictConfig) -> None:
     """Refuse a search that would also search what the command line did not ask for: a sweep an
     experiment brings (fast_table1's ``seed: 0,1,2``) would let the study pick the luckiest seed."""
-    asked = {override.split("=", 1)[0].lstrip("+~") for override in config.hydra.overrides.task}
-    for key, value in config.hydra.sweeper.params.items():
-        if not key.startswith("optim.") and key not in asked and any(c in str(value) for c in ",("):
+    for key, value in unpinned_sweeps(config).items():
+        if not key.startswith("optim."):
             raise StnbenchError(
                 f"hydra.sweeper.params.{key}: a search tunes optim.* only; got the sweep "
                 f"'{value}' from the config (an experiment's); pin it, e.g. "
-                f"{key}={str(value).split(',')[0]}"
+                f"{key}={value.split(',')[0]}"
             )
 
 

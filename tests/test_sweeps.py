@@ -243,10 +243,15 @@ def test_paper_table1_is_every_cell_once():
 
 def test_experiment_sweeps_need_m_and_take_command_line_values(bin_dir, tmp_path):
     r = cli(bin_dir, tmp_path, "stnbench-train", "experiment=paper_table1")
-    assert r.returncode == 2 and "sweep over data, row, seed (hydra.sweeper.params); add -m" in (
+    assert r.returncode == 2 and "sweeps data, row, seed (hydra.sweeper.params); add -m" in (
         r.stderr
     )
     assert not (tmp_path / "outputs").exists()
+    # each sweep pinned on the command line: one run
+    one = ["data=plain", "row=fcn", "seed=0", "train.steps=2", "train.val_size=100"]
+    r = cli(bin_dir, tmp_path, "stnbench-train", "experiment=paper_table1", *one)
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "outputs").rglob("metrics.json"))) == 1
     assert len(jobs("experiment=paper_table1", "data=rts")) == 24
     assert len(jobs("experiment=paper_tc")) == 4 * 3
     sweep = jobs("experiment=lr_sweep")
