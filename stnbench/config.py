@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stnbench import data, geometry, mnist, models
 from stnbench.device import resolve as resolve_device
-from stnbench.distortions import DIGIT, Recipe
+from stnbench.distortions import Recipe
 from stnbench.errors import Checked, StnbenchError, integer, number, one_of, setting
 from stnbench.optim import OPTIMIZERS, SCHEDULES
 
@@ -45,8 +45,8 @@ class Data(Checked):
         mnist.data_root(self.root)
 
     @property
-    def canvas(self) -> int:
-        return DIGIT if self.recipe is None else self.recipe.canvas
+    def shape(self) -> data.Shape:
+        return data.shape(self.recipe)
 
 
 @dataclass
@@ -150,7 +150,8 @@ class TrainJob(Checked):
         super().__post_init__()
         resolve_device(self.device)
         n = self.data.train_size or data.TRAIN_SIZE
-        canvas, out_size = self.data.canvas, self.model.out_size
+        channels, canvas, classes = self.data.shape
+        out_size = self.model.out_size
         if out_size is not None and out_size > canvas:
             raise StnbenchError(
                 f"model.out_size must be at most the input's side ({canvas}, the canvas); got "
@@ -162,7 +163,8 @@ class TrainJob(Checked):
                 f"({n} images; data.train_size)"
             )
         with torch.device("meta"):  # what only building the model tells: shapes, the budget
-            models.from_config(asdict(self.model), asdict(self.transform), self.data.canvas)
+            model, transform = asdict(self.model), asdict(self.transform)
+            models.from_config(model, transform, canvas, classes, channels)
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """Datasets by name and split: ``load(name, split) -> (images, labels)``.
 
 A dataset name is a config in the installed package's ``conf/data/`` (``plain``, ``r``, ``rts``,
-``p``, ``e``, ``tc``, ``seed40``, or any recipe added there). Splits follow the common reproduction
-of the STN paper: ``train`` is the first 50k images of MNIST's training set, ``val`` the last 10k,
-``test`` MNIST's test set; the i-th image of a distorted split is the i-th MNIST image of that
-split, distorted, so labels equal plain's.
+``p``, ``e``, ``tc``, ``seed40``, ``addition``, or any recipe added there). Splits follow the
+common reproduction of the STN paper: ``train`` is the first 50k images of MNIST's training set,
+``val`` the last 10k, ``test`` MNIST's test set; the i-th image of a distorted split is the i-th
+MNIST image of that split, distorted, so labels equal plain's (addition: its first digit's).
 
 Distorted splits are built once per (recipe, split, seed) and cached under
 ``<data root>/distorted/<name>-<recipe digest>/<split>-seed<seed>.pt`` as uint8 (values rounded
@@ -15,13 +15,14 @@ import importlib.resources
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
 from stnbench import mnist
-from stnbench.distortions import Recipe, distort, generator
+from stnbench.distortions import DIGIT, Recipe, compose, generator
 from stnbench.errors import StnbenchError, one_line
 from stnbench.files import atomic_path
 
@@ -49,6 +50,18 @@ def recipe(name: str) -> Recipe | None:
     if name not in recipes():
         raise StnbenchError(f"unknown dataset {name!r}; expected one of {', '.join(recipes())}")
     return recipes()[name]
+
+
+class Shape(NamedTuple):
+    channels: int  # a digit each
+    canvas: int  # the images' side, pixels
+    classes: int  # labels 0 .. classes - 1: the digits' sums
+
+
+def shape(rec: Recipe | None) -> Shape:
+    """What a dataset's images and labels look like (plain MNIST's when ``rec`` is None)."""
+    digits = 1 if rec is None else rec.digits
+    return Shape(digits, DIGIT if rec is None else rec.canvas, 9 * digits + 1)
 
 
 def _check_split(split: str) -> None:
@@ -100,7 +113,7 @@ def cache_path(
     )
 
 
-def _read_cache(path: Path, n: int, canvas: int) -> tuple[Tensor, Tensor]:
+def _read_cache(path: Path, n: int, rec: Recipe) -> tuple[Tensor, Tensor]:
     rebuild = "delete it and it is rebuilt"
     try:
         blob = torch.load(path, weights_only=True)
@@ -109,10 +122,11 @@ def _read_cache(path: Path, n: int, canvas: int) -> tuple[Tensor, Tensor]:
         raise StnbenchError(f"{path} is unreadable ({one_line(e)}); {rebuild}") from None
     if (
         images.dtype != torch.uint8
-        or images.shape != (n, 1, canvas, canvas)
+        or images.shape != (n, rec.digits, rec.canvas, rec.canvas)
         or labels.shape != (n,)
     ):
-        raise StnbenchError(f"{path} does not hold {n} uint8 {canvas}x{canvas} images; {rebuild}")
+        shape = f"{rec.digits}x{rec.canvas}x{rec.canvas}"
+        raise StnbenchError(f"{path} does not hold {n} uint8 {shape} images; {rebuild}")
     return images, labels
 
 
@@ -124,7 +138,8 @@ def load(
     device: str | torch.device | None = None,
     recipe: Recipe | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Images float32 (N, 1, H, W) in [0, 1] and labels int64 (N,) of a dataset split.
+    """Images float32 (N, C, H, W) in [0, 1] and labels int64 (N,) of a dataset split; C is the
+    recipe's ``digits`` (1 but for addition, whose labels are the sums, 0-18).
 
     ``root`` is the data root (default: $STNBENCH_DATA_ROOT, else the user's cache directory);
     MNIST is fetched there on first use. ``seed`` selects the draw of a distorted dataset, which
@@ -136,10 +151,9 @@ def load(
         return _digits(split, root)
     path = cache_path(name, split, root, seed, rec)
     if path.exists():  # the cache holds the labels too: MNIST is read only to build
-        images, labels = _read_cache(path, SPLIT_SIZES[split], rec.canvas)
+        images, labels = _read_cache(path, SPLIT_SIZES[split], rec)
     else:
-        digits, labels = _digits(split, root)
-        out = distort(rec, digits, generator(rec, split, seed), device=device)
+        out, labels = compose(rec, *_digits(split, root), generator(rec, split, seed), device)
         images = out.mul_(255).round_().to(torch.uint8)
         with atomic_path(path) as tmp:
             torch.save({"images": images, "labels": labels, "recipe": rec.key_digest()}, tmp)
@@ -166,5 +180,4 @@ def fresh(
     digits, labels = _digits(split, root)
     if rec is None:
         return digits, labels
-    gen = generator(rec, f"{split}/epoch{epoch}", seed)
-    return distort(rec, digits, gen, device=device), labels
+    return compose(rec, digits, labels, generator(rec, f"{split}/epoch{epoch}", seed), device)

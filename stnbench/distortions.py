@@ -70,6 +70,9 @@ class Recipe(Checked):
     # patches cut from other digits of the split, added, then clipped to [0, 1]
     clutter: int = setting(0, "an integer >= 0", integer(0))
     clutter_size: int = setting(6, "an integer >= 1", integer(1))  # patch side, pixels
+    # digits per image, each distorted on its own into a channel of its own; the label is their
+    # sum (2: the paper's MNIST addition, Appendix A.1)
+    digits: int = setting(1, "an integer >= 1", integer(1))
 
     def __post_init__(self):
         super().__post_init__()
@@ -100,8 +103,9 @@ class Recipe(Checked):
         for name in ("rotation", "shear"):  # integers in version 1's configs: the same digests
             if float(values[name]).is_integer():
                 values[name] = int(values[name])
-        if not values["perspective_first"]:  # added later: recipes without it keep their digests
-            del values["perspective_first"]
+        for name, off in (("perspective_first", False), ("digits", 1)):  # added later: recipes
+            if values[name] == off:  # without them keep their digests
+                del values[name]
         text = json.dumps({"version": VERSION, **values}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -190,6 +194,19 @@ def _add_clutter(canvas: Tensor, digits: Tensor, sources, crops, spots, size: in
     return out.view_as(canvas).clamp_(0, 1)
 
 
+def compose(
+    recipe: Recipe, images: Tensor, labels: Tensor, gen: torch.Generator, device=None
+) -> tuple[Tensor, Tensor]:
+    """A split's images (N, digits, canvas, canvas) and labels: image i's first channel is digit
+    i distorted, each further channel a partner digit of the split (drawn from ``gen`` first),
+    distorted on its own; the label is the sum of the digits' labels."""
+    n = len(images)
+    partners = [torch.arange(n)]
+    partners += [torch.randint(0, n, (n,), generator=gen) for _ in range(recipe.digits - 1)]
+    channels = [distort(recipe, images[p], gen, device=device) for p in partners]
+    return torch.cat(channels, dim=1), sum(labels[p] for p in partners)
+
+
 def distort(
     recipe: Recipe,
     images: Tensor,
@@ -201,7 +218,7 @@ def distort(
     """Distort digits (N, 1, 28, 28) in [0, 1] -> (N, 1, canvas, canvas) in [0, 1], on ``device``.
 
     ``sources`` (M, 28, 28) are the digits clutter is cut from (default: the images themselves).
-    The result is on the CPU.
+    The result is on the CPU. One digit per image: ``recipe.digits`` is compose()'s.
     """
     n = images.shape[0]
     if images.shape[1:] != (1, DIGIT, DIGIT):

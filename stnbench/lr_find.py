@@ -41,7 +41,7 @@ def range_test(cfg: DictConfig, out: Path) -> dict:
     f, out = cfg.lr_find, Path(out)
     dev = device.resolve(cfg.device)
     d = load_splits(cfg, dev)
-    model = build_model(cfg, d.canvas, dev)
+    model = build_model(cfg, dev)
     opt = make_optimizer(model, cfg.optim)
     st = models.is_st(cfg.model.name)
     stream = batches(cfg, d, 0)

@@ -30,10 +30,10 @@ BUDGET = 400_000
 MAX_WIDTH = 4096
 
 
-def fcn(input_size: int, width: int, num_classes: int) -> nn.Sequential:
+def fcn(input_size: int, width: int, num_classes: int, channels: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(input_size * input_size, width),
+        nn.Linear(channels * input_size * input_size, width),
         nn.ReLU(),
         nn.Linear(width, width),
         nn.ReLU(),
@@ -46,11 +46,11 @@ def cnn_padding(input_size: int) -> tuple[int, int]:
     return (0, 0) if ((input_size - 8) // 2 - 6) // 2 >= 1 else (4, 3)
 
 
-def cnn(input_size: int, width: int, num_classes: int) -> nn.Sequential:
+def cnn(input_size: int, width: int, num_classes: int, channels: int = 1) -> nn.Sequential:
     p1, p2 = cnn_padding(input_size)
     side = ((input_size - 8 + 2 * p1) // 2 - 6 + 2 * p2) // 2
     return nn.Sequential(
-        nn.Conv2d(1, width, 9, padding=p1),
+        nn.Conv2d(channels, width, 9, padding=p1),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Conv2d(width, width, 7, padding=p2),
@@ -65,7 +65,7 @@ def cnn(input_size: int, width: int, num_classes: int) -> nn.Sequential:
 class Arch:
     """A registered model: its classifier, and its localisation net (None: no transformer)."""
 
-    classifier: Callable[[int, int, int], nn.Module]  # (input side, width, classes) -> module
+    classifier: Callable[..., nn.Module]  # (input side, width, classes, channels) -> module
     loc: str | None  # a key of stnbench.transformer.LOCALISATION
     label: str  # in table rows
 
@@ -137,9 +137,10 @@ def build(
     transform: str | None,
     input_size: int,
     num_classes: int = 10,
+    channels: int = 1,
     **options,
 ) -> nn.Module:
-    """A classifier for (B, 1, input_size, input_size) images -> logits (B, num_classes).
+    """A classifier for (B, channels, input_size, input_size) images -> logits (B, num_classes).
 
     ``model`` is fcn, cnn, st_fcn or st_cnn; ``transform`` the ST models' geometry kind (affine,
     attention, projective, tps; ignored by fcn and cnn). Options: ``budget`` (learnable
@@ -153,22 +154,24 @@ def build(
     arch, budget = MODELS[model], options.pop("budget", None) or BUDGET
     make = arch.classifier
     if arch.loc is None:
-        width = _width(lambda w: make(input_size, w, num_classes), budget, 0)
-        return make(input_size, width, num_classes)
+        width = _width(lambda w: make(input_size, w, num_classes, channels), budget, 0)
+        return make(input_size, width, num_classes, channels)
 
     if transform is None:
         raise StnbenchError(f"model {model} needs a transform; expected one of {', '.join(KINDS)}")
     pool = options.pop("pool", None)
     pool = input_size >= 42 if pool is None else bool(pool)
-    transformer = SpatialTransformer(arch.loc, transform, input_size, **options)
+    transformer = SpatialTransformer(arch.loc, transform, input_size, channels=channels, **options)
     seen = transformer.out_size // 2 if pool else transformer.out_size
-    width = _width(lambda w: make(seen, w, num_classes), budget, count(transformer))
-    return STModel(transformer, pool, make(seen, width, num_classes))
+    width = _width(lambda w: make(seen, w, num_classes, channels), budget, count(transformer))
+    return STModel(transformer, pool, make(seen, width, num_classes, channels))
 
 
-def from_config(model: dict, transform: dict | None, input_size: int, num_classes: int = 10):
+def from_config(
+    model: dict, transform: dict | None, input_size: int, num_classes: int = 10, channels: int = 1
+):
     """build() from the ``model`` and ``transform`` config groups (conf/model, conf/transform)."""
     name = model["name"]
     options = {k: v for k, v in model.items() if k != "name" and (is_st(name) or k == "budget")}
     kind = transform["kind"] if transform and is_st(name) else None
-    return build(name, kind, input_size, num_classes, **options)
+    return build(name, kind, input_size, num_classes, channels, **options)

@@ -12,8 +12,16 @@ from stnbench import geometry
 OUTLINE = 4  # the outline is traced at 4x the output's resolution, so it draws as a line
 
 
+def rgb(images: Tensor) -> Tensor:
+    """Images (B, C, H, W) as RGB: one channel as grey, two as green and blue (addition's two
+    digits; red is kept for the outline)."""
+    if images.shape[1] == 1:
+        return images.expand(-1, 3, -1, -1)
+    return torch.cat([torch.zeros_like(images[:, :1]), images[:, :2]], dim=1)
+
+
 def outline(images: Tensor, kind: str, params: Tensor, out_size: int) -> Tensor:
-    """Inputs (B, 1, H, W) as RGB (B, 3, H, W) with the sampling grid's outline drawn in red."""
+    """Inputs (B, C, H, W) as RGB (B, 3, H, W) with the sampling grid's outline drawn in red."""
     b, _, h, w = images.shape
     n = OUTLINE * out_size
     g = geometry.grid(kind, params, (n, n))  # (B, n, n, 2)
@@ -23,10 +31,10 @@ def outline(images: Tensor, kind: str, params: Tensor, out_size: int) -> Tensor:
     ix, iy = x.round().long(), y.round().long()
     inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
     which = torch.arange(b, device=images.device)[:, None].expand_as(ix)
-    rgb = images.expand(-1, 3, -1, -1).clone()
+    drawn = rgb(images).clone()
     for channel, value in enumerate((1.0, 0.0, 0.0)):
-        rgb[which[inside], channel, iy[inside], ix[inside]] = value
-    return rgb
+        drawn[which[inside], channel, iy[inside], ix[inside]] = value
+    return drawn
 
 
 def transform_panel(images: Tensor, out: Tensor, kind: str, params: Tensor) -> Tensor:
@@ -34,7 +42,7 @@ def transform_panel(images: Tensor, out: Tensor, kind: str, params: Tensor) -> T
     size = images.shape[-1]
     drawn = outline(images, kind, params, out.shape[-1])
     shown = F.interpolate(out, size=(size, size), mode="nearest") if out.shape[-1] != size else out
-    pairs = torch.stack([drawn, shown.expand(-1, 3, -1, -1)], dim=1).flatten(0, 1)  # (2B, 3, H, W)
+    pairs = torch.stack([drawn, rgb(shown)], dim=1).flatten(0, 1)  # (2B, 3, H, W)
     return make_grid(pairs.clamp(0, 1).cpu(), nrow=8, padding=2, pad_value=0.5)
 
 

@@ -36,7 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from stnbench import allocator, data, device, geometry, models, tblog
 from stnbench.config import recipe_of, recorded
-from stnbench.distortions import DIGIT, Recipe
+from stnbench.distortions import Recipe
 from stnbench.errors import Fault, Interrupted, StnbenchError, describe, one_line
 from stnbench.files import atomic_path
 from stnbench.optim import lr_factor, make_optimizer, set_lr
@@ -75,7 +75,6 @@ class Splits:
     y_val: Tensor
     x_test: Tensor
     y_test: Tensor
-    canvas: int
 
 
 def settings(cfg: DictConfig) -> dict:
@@ -201,7 +200,7 @@ def load_splits(cfg: DictConfig, dev: torch.device) -> Splits:
 
     train_xy = split("train", c.train_size or data.TRAIN_SIZE)
     val_xy, test_xy = split("val", cfg.train.val_size), split("test", None)
-    return Splits(*train_xy, *val_xy, *test_xy, DIGIT if rec is None else rec.canvas)
+    return Splits(*train_xy, *val_xy, *test_xy)
 
 
 def batches(cfg: DictConfig, d: Splits, start: int):
@@ -213,29 +212,32 @@ def batches(cfg: DictConfig, d: Splits, start: int):
         epoch = step // per_epoch
         order = torch.randperm(n, generator=torch.Generator().manual_seed(
             cfg.seed * 1_000_003 + epoch)).to(dev)  # fmt: skip
-        x = (
-            fresh_draw(c.name, epoch, c.root, c.seed, dev, recipe_of(cfg))[:n]
+        x, y = (  # a fresh draw's labels too: addition draws new partners each epoch
+            fresh_draw(c.name, epoch, c.root, c.seed, dev, recipe_of(cfg))
             if c.fresh
-            else d.x_train
+            else (d.x_train, d.y_train)
         )
         for j in range(step % per_epoch, per_epoch):
             idx = order[j * b : (j + 1) * b]
-            yield x[idx], d.y_train[idx]
+            yield x[idx], y[idx]
         step = (epoch + 1) * per_epoch
 
 
 @lru_cache(maxsize=1)  # the runs of a vectorised group share each epoch's draw
-def fresh_draw(name: str, epoch: int, root, seed: int, dev, rec: Recipe | None) -> Tensor:
-    return data.fresh(name, "train", epoch, root, seed, dev, rec)[0].to(dev)
+def fresh_draw(name: str, epoch: int, root, seed: int, dev, rec: Recipe | None):
+    x, y = data.fresh(name, "train", epoch, root, seed, dev, rec)
+    return x.to(dev), y.to(dev)
 
 
-def build_model(cfg: DictConfig, canvas: int, dev: torch.device) -> nn.Module:
+def build_model(cfg: DictConfig, dev: torch.device) -> nn.Module:
     """The run's model, initialised from its seed, as the loop runs it: on the device, its
     convolutions in channels_last memory (+14% ST-CNN on RTS, +22% CNN on 28x28 training
     throughput on the 2-core CPU; measured with scripts/bench_train.py)."""
     torch.manual_seed(cfg.seed)
     c = OmegaConf.to_container
-    return prepare(models.from_config(c(cfg.model), c(cfg.transform), canvas), dev)
+    channels, canvas, classes = data.shape(recipe_of(cfg))
+    net = models.from_config(c(cfg.model), c(cfg.transform), canvas, classes, channels)
+    return prepare(net, dev)
 
 
 def prepare(model: nn.Module, dev: torch.device) -> nn.Module:
@@ -566,7 +568,7 @@ def loop(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
     dev = device.resolve(cfg.device)
     allocator.keep_freed_memory()
     d = load_splits(cfg, dev)
-    model = build_model(cfg, d.canvas, dev)
+    model = build_model(cfg, dev)
     opt = make_optimizer(model, cfg.optim)
     r = start(cfg, out, d, model, opt, progress)
     stream = batches(cfg, d, r.state.step)

@@ -15,19 +15,19 @@ LOC_CNN_FILTERS = 20  # ST-CNN: 2x downsample, conv 20 5x5, max-pool, conv 20 5x
 LOC_CNN_HIDDEN = 20
 
 
-def loc_fcn(input_size: int) -> nn.Sequential:
-    """ST-FCN's localisation trunk: (B, 1, S, S) -> (B, 32) features."""
+def loc_fcn(input_size: int, channels: int = 1) -> nn.Sequential:
+    """ST-FCN's localisation trunk: (B, C, S, S) -> (B, 32) features."""
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(input_size * input_size, LOC_FCN_HIDDEN),
+        nn.Linear(channels * input_size * input_size, LOC_FCN_HIDDEN),
         nn.ReLU(),
         nn.Linear(LOC_FCN_HIDDEN, LOC_FCN_HIDDEN),
         nn.ReLU(),
     )
 
 
-def loc_cnn(input_size: int) -> nn.Sequential:
-    """ST-CNN's localisation trunk: (B, 1, S, S) -> (B, 20) features."""
+def loc_cnn(input_size: int, channels: int = 1) -> nn.Sequential:
+    """ST-CNN's localisation trunk: (B, C, S, S) -> (B, 20) features."""
     side = ((input_size // 2 - 4) // 2) - 4  # avg-pool 2, conv 5, max-pool 2, conv 5
     if side < 1:
         raise StnbenchError(
@@ -36,7 +36,7 @@ def loc_cnn(input_size: int) -> nn.Sequential:
     f = LOC_CNN_FILTERS
     return nn.Sequential(
         nn.AvgPool2d(2),  # the paper's 2x downsampling of the input
-        nn.Conv2d(1, f, 5),
+        nn.Conv2d(channels, f, 5),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Conv2d(f, f, 5),
@@ -51,7 +51,8 @@ LOCALISATION = {"fcn": (loc_fcn, LOC_FCN_HIDDEN), "cnn": (loc_cnn, LOC_CNN_HIDDE
 
 
 class SpatialTransformer(nn.Module):
-    """Localisation net + grid + sampler: (B, 1, S, S) -> (B, 1, out, out) and params (B, P).
+    """Localisation net + grid + sampler: (B, C, S, S) -> (B, C, out, out) and params (B, P):
+    the localisation net sees every channel, the warp moves them all alike.
 
     ``residual``: params = identity + delta, the regression layer predicting delta (starts at 0).
     ``tanh``: params = identity + tanh(delta), bounding each parameter's deviation from the
@@ -68,6 +69,7 @@ class SpatialTransformer(nn.Module):
         mode: str = "bilinear",
         residual: bool = False,
         tanh: bool = False,
+        channels: int = 1,
     ):
         super().__init__()
         geometry.num_params(kind)  # validates the kind
@@ -79,7 +81,7 @@ class SpatialTransformer(nn.Module):
         self.kind, self.mode, self.tanh = kind, mode, tanh
         self.residual = residual or tanh
         self.out_size = out_size or input_size
-        self.loc = trunk(input_size)
+        self.loc = trunk(input_size, channels)
         self.regress = nn.Linear(hidden, geometry.num_params(kind))
         nn.init.zeros_(self.regress.weight)
         identity = geometry.identity(kind)

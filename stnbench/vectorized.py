@@ -203,7 +203,7 @@ def _train_group(cfgs: list[DictConfig], outs: list[Path], tags: list[str] | Non
     dev = device.resolve(cfgs[todo[0]].device)
     allocator.keep_freed_memory()
     d = load_splits(cfgs[todo[0]], dev)
-    modules = [build_model(cfgs[i], d.canvas, dev) for i in todo]
+    modules = [build_model(cfgs[i], dev) for i in todo]
     opts = [make_optimizer(m, cfgs[i].optim) for i, m in zip(todo, modules, strict=True)]
     tags = tags or [f"[{out}] " for out in outs]
     runs = [

@@ -53,6 +53,20 @@ def test_all_models_of_a_canvas_match_the_budget(size):
     assert count(build("cnn", None, size, budget=200_000)) == pytest.approx(200_000, rel=0.05)
 
 
+@pytest.mark.parametrize(("model", "kind"), [(m, "affine" if is_st(m) else None) for m in MODELS])
+def test_models_take_the_datas_channels_and_classes_within_the_budget(model, kind):
+    """Addition: two digits in two channels of 42x42, 19 sums; the warp moves both channels."""
+    torch.manual_seed(0)
+    net = build(model, kind, 42, num_classes=19, channels=2)
+    assert abs(count(net) / BUDGET - 1) < 0.05
+    x = torch.rand(4, 2, 42, 42, generator=torch.Generator().manual_seed(0))
+    assert net(x).shape == (4, 19)
+    if isinstance(net, STModel):
+        torch.testing.assert_close(net.transform(x)[0], x, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError):  # one channel is not what it was built for
+        net(x[:, :1])
+
+
 def test_cnn_pads_only_where_the_paper_stack_cannot_fit():
     assert cnn_padding(28) == (0, 0) and cnn_padding(30) == (0, 0) and cnn_padding(42) == (0, 0)
     assert cnn_padding(21) == (4, 3)  # RTS after the transformer's 2x pooling

