@@ -54,7 +54,8 @@ class Model(Checked):
     key: ClassVar[str] = "model"
     name: str = setting("st_cnn", f"one of {', '.join(models.MODELS)}", one_of(*models.MODELS))
     budget: int = setting(models.BUDGET, POSITIVE, integer(1))  # learnable parameters to match
-    # the transformer's options (ST models only)
+    # the transformers' options (ST models only): how many side by side, and each one's
+    transformers: int = setting(1, POSITIVE, integer(1))
     out_size: int | None = setting(None, "a positive integer or null", integer(1, optional=True))
     pool: bool | None = setting(None, "true, false or null")
     mode: str = setting("bilinear", "bilinear or nearest", one_of(*geometry.MODES))

@@ -8,7 +8,8 @@ Every classification network has three weight layers and ReLUs (Appendix A.4):
   after the transformer's 2x pooling, would shrink to nothing) both convolutions are padded to
   keep their size ('same'), which is the smallest change that fits.
 - ST-FCN, ST-CNN: a spatial transformer (stnbench.transformer) at the start, optionally 2x
-  average pooling after it (the paper's choice for RTS and TC), then the FCN or CNN.
+  average pooling after it (the paper's choice for RTS and TC), then the FCN or CNN. With
+  ``transformers=N``, N of them side by side, their outputs stacked along channels.
 
 Widths are computed, not configured: for each model and input size the classifier's width is
 the integer whose total learnable parameter count (localisation net included) comes nearest the
@@ -76,7 +77,8 @@ MODELS = {
     "st_fcn": Arch(fcn, "fcn", "ST-FCN"),
     "st_cnn": Arch(cnn, "cnn", "ST-CNN"),
 }
-ST_OPTIONS = ("out_size", "pool", "mode", "residual", "tanh")  # options of the transformer
+# options of the transformers (how many side by side, and each one's)
+ST_OPTIONS = ("transformers", "out_size", "pool", "mode", "residual", "tanh")
 
 
 def is_st(model: str) -> bool:
@@ -85,28 +87,35 @@ def is_st(model: str) -> bool:
 
 
 class STModel(nn.Module):
-    """Spatial transformer -> optional 2x average pooling -> classifier."""
+    """Spatial transformers side by side (each sees and warps every channel; their outputs are
+    concatenated along channels) -> optional 2x average pooling -> classifier."""
 
-    def __init__(self, transformer: SpatialTransformer, pool: bool, classifier: nn.Module):
+    def __init__(self, transformers: list[SpatialTransformer], pool: bool, classifier: nn.Module):
         super().__init__()
-        self.transformer = transformer
+        first, *others = transformers
+        self.transformer = first  # its own name: a one-transformer model's checkpoints load
+        self.others = nn.ModuleList(others)
         self.pool = nn.AvgPool2d(2) if pool else nn.Identity()
         self.classifier = classifier
 
+    @property
+    def transformers(self) -> list[SpatialTransformer]:
+        return [self.transformer, *self.others]
+
     def transform(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The transformer's output image (B, 1, out, out), before pooling, and params (B, P)."""
-        return self.transformer(x)
+        """The transformers' outputs (B, N C, out, out), before pooling, and params (B, N P)."""
+        outs, params = zip(*(t(x) for t in self.transformers), strict=True)
+        return torch.cat(outs, dim=1), torch.cat(params, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        y, _ = self.transformer(x)
-        return self.classifier(self.pool(y))  # (B, num_classes)
+        return self.classifier(self.pool(self.transform(x)[0]))  # (B, num_classes)
 
     def untransformed(self, x: Tensor) -> Tensor:
-        """Logits with the transformer bypassed by the identity (the seed notes' "CNN only")."""
+        """Logits with the transformers bypassed by the identity (the seed notes' "CNN only")."""
         t = self.transformer
         if t.out_size != x.shape[-1]:  # the identity to another size: a plain resampling
             x = geometry.warp(x, t.kind, t.identity.expand(len(x), -1), (t.out_size,) * 2, t.mode)
-        return self.classifier(self.pool(x))
+        return self.classifier(self.pool(x.repeat(1, len(self.transformers), 1, 1)))
 
 
 def count(module: nn.Module) -> int:
@@ -147,7 +156,8 @@ def build(
     parameters to match, default 400k); for ST models ``out_size`` (transformer output side,
     default the input's), ``pool`` (2x average pooling after the transformer; default on for
     inputs of 42 and more, as the paper does for RTS and TC), ``mode`` (bilinear or nearest),
-    ``residual`` and ``tanh`` (see SpatialTransformer).
+    ``residual`` and ``tanh`` (see SpatialTransformer), ``transformers`` (how many side by side,
+    default 1; the paper's 2xST-FCN for MNIST addition has 2).
     """
     if model not in MODELS:
         raise StnbenchError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
@@ -159,12 +169,16 @@ def build(
 
     if transform is None:
         raise StnbenchError(f"model {model} needs a transform; expected one of {', '.join(KINDS)}")
-    pool = options.pop("pool", None)
+    pool, n = options.pop("pool", None), options.pop("transformers", 1)
     pool = input_size >= 42 if pool is None else bool(pool)
-    transformer = SpatialTransformer(arch.loc, transform, input_size, channels=channels, **options)
-    seen = transformer.out_size // 2 if pool else transformer.out_size
-    width = _width(lambda w: make(seen, w, num_classes, channels), budget, count(transformer))
-    return STModel(transformer, pool, make(seen, width, num_classes, channels))
+    transformers = [
+        SpatialTransformer(arch.loc, transform, input_size, channels=channels, **options)
+        for _ in range(n)
+    ]
+    seen = transformers[0].out_size // 2 if pool else transformers[0].out_size
+    fixed, seen_channels = sum(map(count, transformers)), n * channels
+    width = _width(lambda w: make(seen, w, num_classes, seen_channels), budget, fixed)
+    return STModel(transformers, pool, make(seen, width, num_classes, seen_channels))
 
 
 def from_config(

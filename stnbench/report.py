@@ -62,7 +62,9 @@ BUDGET = ("optim", "schedule", "planned_steps", "batch_size", "train_size", "loc
 SEARCHED = "searched"  # a row's loc_lr_mult when its runs are a search's trials
 
 
-def row_label(model: str, transform: str | None, residual=False, tanh=False, loc_lr_mult=1) -> str:
+def row_label(
+    model: str, transform: str | None, residual=False, tanh=False, loc_lr_mult=1, transformers=1
+) -> str:
     """The table's row name: the paper's where it has one, variants marked after it. A run has
     a transformer when it records a transform (metrics.json's ``transform``, from models.is_st).
     ``loc_lr_mult`` is SEARCHED for the trials of a search (hparams_search), whose lrs and
@@ -75,6 +77,8 @@ def row_label(model: str, transform: str | None, residual=False, tanh=False, loc
         label = arch.label if arch else model  # a model or kind no longer registered: its name
         if st:
             label += " " + (kind.label if kind else transform)
+    if st and transformers > 1:  # side by side: the paper's 2xST-FCN
+        label = f"{transformers}x{label}"
     marks = ["tanh" if tanh else "residual"] if tanh or residual else []
     if loc_lr_mult == SEARCHED:  # a search's trials: their own row, apart from any grid's
         marks.append("searched")
@@ -131,7 +135,7 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
     runs = pd.DataFrame(list(records.values()))
     runs.attrs["unreadable"] = unreadable  # warnings() names them
     for key in ("transform", "residual", "tanh", "loc_lr_mult", "test_error", "val_error",
-                "transformer_dead", "searched"):  # fmt: skip
+                "transformer_dead", "searched", "transformers"):  # fmt: skip
         if key not in runs:
             runs[key] = None
     loc = runs.loc_lr_mult.astype(float).fillna(1.0)  # not recorded: written before it was 1
@@ -143,8 +147,10 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
     )
     loc = loc.astype(object).where(runs.searched.ne(True), SEARCHED)
     columns = [runs[k] for k in ("model", "transform", "residual", "tanh")] + [loc]
+    columns.append(runs.transformers.astype(float).fillna(1).astype(int))  # recorded since A.1
     runs["row"] = [
-        row_label(m, t, r is True, h is True, lm) for m, t, r, h, lm in zip(*columns, strict=True)
+        row_label(m, t, r is True, h is True, lm, n)
+        for m, t, r, h, lm, n in zip(*columns, strict=True)
     ]
     return runs.sort_values(["row", "data", "lr", "seed", "path"], ignore_index=True)
 

@@ -86,6 +86,7 @@ def settings(cfg: DictConfig) -> dict:
         "transform": cfg.transform.kind if st else None,
         "residual": bool(cfg.model.residual or cfg.model.tanh) if st else None,
         "tanh": bool(cfg.model.tanh) if st else None,
+        "transformers": cfg.model.transformers if st else None,
         "optim": cfg.optim.name,
         "lr": cfg.optim.lr,
         "loc_lr_mult": cfg.optim.loc_lr_mult,
@@ -434,6 +435,26 @@ def log_training(r: Run) -> None:
         log.warning("%s diverged: %s", r.out, r.state.reason)
 
 
+def diagnose(t, x: Tensor, batch: int, writer, step: int, tag: str = "") -> tuple[float, ...]:
+    """One transformer's diagnostics on x to TensorBoard, under ``tag`` (``t2/``: the second of
+    several side by side): each parameter's histogram and spread, the distance from the
+    identity, the localisation net's dead units, 8 inputs beside its outputs. Returns the mean
+    distance, the largest spread and the share of dead units."""
+    params, fired = liveness(t, x, batch)  # (N, P), (U,)
+    distance = (params - t.identity).norm(dim=1).mean().item()
+    spread = params.std(0)  # (P,): how much each parameter follows the input
+    for i, name in enumerate(geometry.param_names(t.kind)):
+        writer.add_histogram(f"theta/{tag}{name}", params[:, i], step)
+        writer.add_scalar(f"transform_spread/{tag}{name}", spread[i], step)
+    writer.add_scalar(f"transform/{tag}identity_distance", distance, step)
+    with torch.no_grad():
+        shown, p = t(x[:8])
+    writer.add_image(
+        f"transform/{tag}inputs_and_outputs", tblog.transform_panel(x[:8], shown, t.kind, p), step
+    )
+    return distance, spread.max().item(), 1 - fired.float().mean().item()
+
+
 def validate(r: Run) -> None:
     """Validation error (and, for ST models, the transformer's diagnostics) to TensorBoard and
     the log; the best model, divergence and collapse into the state."""
@@ -454,24 +475,18 @@ def validate(r: Run) -> None:
     if models.is_st(r.cfg.model.name):
         _, err_raw = evaluate(model.untransformed, d.x_val, d.y_val, t.eval_batch_size)
         writer.add_scalar("val/error_untransformed", err_raw, step)
-        kind = model.transformer.kind
-        params, fired = liveness(model.transformer, d.x_val, t.eval_batch_size)  # (N, P), (U,)
-        distance = (params - model.transformer.identity).norm(dim=1).mean().item()
-        writer.add_scalar("transform/identity_distance", distance, step)
-        spread = params.std(0)  # (P,): how much each parameter follows the input
-        for i, name in enumerate(geometry.param_names(kind)):
-            writer.add_histogram(f"theta/{name}", params[:, i], step)
-            writer.add_scalar(f"transform_spread/{name}", spread[i], step)
-        state.transform_spread = spread.max().item()
-        state.loc_dead_units = 1 - fired.float().mean().item()
+        several = len(model.transformers) > 1  # one transformer: its tags as they always were
+        distance, spread, dead = zip(*(
+            diagnose(tr, d.x_val, t.eval_batch_size, writer, step, f"t{i + 1}/" * several)
+            for i, tr in enumerate(model.transformers)
+        ), strict=True)  # fmt: skip
+        # a run is as alive as its least alive transformer
+        state.transform_spread, state.loc_dead_units = min(spread), max(dead)
         writer.add_scalar("transform/spread", state.transform_spread, step)
         writer.add_scalar("transform/dead_units", state.loc_dead_units, step)
-        with torch.no_grad():
-            shown, p = model.transform(d.x_val[:8])
-        panel = tblog.transform_panel(d.x_val[:8], shown, kind, p)
-        writer.add_image("transform/inputs_and_outputs", panel, step)
-        line += f" (untransformed {err_raw:.2f}%), distance from identity {distance:.3f}, "
-        line += f"spread {state.transform_spread:.2g}, dead units {state.loc_dead_units:.0%}"
+        line += f" (untransformed {err_raw:.2f}%), distance from identity "
+        line += f"{', '.join(f'{v:.3f}' for v in distance)}, spread {state.transform_spread:.2g}, "
+        line += f"dead units {state.loc_dead_units:.0%}"
     log.info("%s%s", r.tag, line)
     model.train()
     state.last_val = [step, loss, err]

@@ -67,6 +67,30 @@ def test_models_take_the_datas_channels_and_classes_within_the_budget(model, kin
         net(x[:, :1])
 
 
+@pytest.mark.parametrize("model", ["st_fcn", "st_cnn"])
+def test_transformers_side_by_side_start_at_identity_and_all_learn(model):
+    torch.manual_seed(0)
+    net = build(model, "affine", 42, num_classes=19, channels=2, transformers=2)
+    assert abs(count(net) / BUDGET - 1) < 0.05 and len(net.transformers) == 2
+    x = torch.rand(4, 2, 42, 42, generator=torch.Generator().manual_seed(0))
+    out, params = net.transform(x)  # each warps both channels; outputs stacked along channels
+    torch.testing.assert_close(out, torch.cat([x, x], dim=1), atol=1e-5, rtol=0)
+    assert params.shape == (4, 12) and net(x).shape == (4, 19)
+    torch.testing.assert_close(net.untransformed(x), net(x), atol=1e-5, rtol=1e-4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    y = torch.randint(0, 19, (4,), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} received no gradient"
+    # one transformer keeps its parameter names: checkpoints written before still load
+    one = build(model, "affine", 28).state_dict()
+    assert any(k.startswith("transformer.loc.") for k in one)
+    assert not any(k.startswith("others.") for k in one)
+
+
 def test_cnn_pads_only_where_the_paper_stack_cannot_fit():
     assert cnn_padding(28) == (0, 0) and cnn_padding(30) == (0, 0) and cnn_padding(42) == (0, 0)
     assert cnn_padding(21) == (4, 3)  # RTS after the transformer's 2x pooling

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stnbench import geometry, models
+from stnbench import geometry, models, report
 from stnbench.cli import load_config
 from stnbench.data import recipes
 from stnbench.train import lr_factor, train
@@ -361,6 +361,26 @@ def test_transformer_diagnostics_reach_metrics_and_tensorboard(mnist_root, tmp_p
     assert len(scalars(tmp_path, "transform/dead_units")) == 2
     assert len(scalars(tmp_path, "transform_spread/a11")) == 2
     assert scalars(tmp_path, "time/seconds") == sorted(scalars(tmp_path, "time/seconds"))
+
+
+def test_transformers_side_by_side_each_get_their_diagnostics(mnist_root, tmp_path):
+    """MNIST addition with 2 ST-FCN transformers: a histogram per transformer per parameter and
+    each one's outputs beside the inputs in TensorBoard; metrics.json records how many."""
+    args = ("data=addition", "model=st_fcn", "model.transformers=2", "train.steps=20",
+            "train.val_every=10")  # fmt: skip
+    m = train(config(*args), tmp_path)
+    assert m["status"] == "ok" and m["transformers"] == 2 and m["transformer_dead"] is False
+    (events_file,) = tmp_path.rglob("events.out.tfevents.*")
+    events = EventAccumulator(str(events_file), size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    names = geometry.param_names("affine")
+    for t in ("t1", "t2"):
+        assert {f"theta/{t}/{n}" for n in names} <= set(tags["histograms"])
+        assert f"transform/{t}/inputs_and_outputs" in tags["images"]
+        assert len(scalars(tmp_path, f"transform/{t}/identity_distance")) == 2
+    assert not any(tag.startswith("theta/a") for tag in tags["histograms"])  # none untagged
+    assert report.row_label("st_fcn", "affine", transformers=2) == "2xST-FCN Aff"
 
 
 BAD = [
