@@ -56,6 +56,7 @@ class Model(Checked):
     budget: int = setting(models.BUDGET, POSITIVE, integer(1))  # learnable parameters to match
     # the transformers' options (ST models only): how many side by side, and each one's
     transformers: int = setting(1, POSITIVE, integer(1))
+    multi: bool = setting(False, BOOL)  # st_cnn: a transformer before the 2nd convolution too
     out_size: int | None = setting(None, "a positive integer or null", integer(1, optional=True))
     pool: bool | None = setting(None, "true, false or null")
     mode: str = setting("bilinear", "bilinear or nearest", one_of(*geometry.MODES))

@@ -16,6 +16,7 @@ the integer whose total learnable parameter count (localisation net included) co
 budget (default 400k), so all models for one canvas have about the same size.
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,19 +48,38 @@ def cnn_padding(input_size: int) -> tuple[int, int]:
     return (0, 0) if ((input_size - 8) // 2 - 6) // 2 >= 1 else (4, 3)
 
 
-def cnn(input_size: int, width: int, num_classes: int, channels: int = 1) -> nn.Sequential:
+def cnn(
+    input_size: int, width: int, num_classes: int, channels: int = 1, multi: str | None = None
+) -> nn.Sequential:
+    """The CNN; ``multi`` (a transform kind) also warps its feature maps before the second
+    convolution by a transformer of that kind (the paper's ST-CNN Multi)."""
     p1, p2 = cnn_padding(input_size)
-    side = ((input_size - 8 + 2 * p1) // 2 - 6 + 2 * p2) // 2
+    first = (input_size - 8 + 2 * p1) // 2
+    side = (first - 6 + 2 * p2) // 2
+    warp = nn.Identity() if multi is None else FeatureWarp(multi, first, width)
     return nn.Sequential(
         nn.Conv2d(channels, width, 9, padding=p1),
         nn.ReLU(),
         nn.MaxPool2d(2),
+        warp,
         nn.Conv2d(width, width, 7, padding=p2),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
         nn.Linear(width * side * side, num_classes),
     )
+
+
+class FeatureWarp(nn.Module):
+    """A spatial transformer inside the network: it warps feature maps (B, C, S, S), its
+    localisation net two fully connected layers of 32 (the paper's for SVHN's deeper ones)."""
+
+    def __init__(self, kind: str, size: int, channels: int):
+        super().__init__()
+        self.transformer = SpatialTransformer("fcn", kind, size, channels=channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.transformer(x)[0]
 
 
 @dataclass(frozen=True)
@@ -78,7 +98,7 @@ MODELS = {
     "st_cnn": Arch(cnn, "cnn", "ST-CNN"),
 }
 # options of the transformers (how many side by side, and each one's)
-ST_OPTIONS = ("transformers", "out_size", "pool", "mode", "residual", "tanh")
+ST_OPTIONS = ("transformers", "multi", "out_size", "pool", "mode", "residual", "tanh")
 
 
 def is_st(model: str) -> bool:
@@ -157,7 +177,8 @@ def build(
     default the input's), ``pool`` (2x average pooling after the transformer; default on for
     inputs of 42 and more, as the paper does for RTS and TC), ``mode`` (bilinear or nearest),
     ``residual`` and ``tanh`` (see SpatialTransformer), ``transformers`` (how many side by side,
-    default 1; the paper's 2xST-FCN for MNIST addition has 2).
+    default 1; the paper's 2xST-FCN for MNIST addition has 2), ``multi`` (ST-CNN only: another
+    transformer of the same kind warps the feature maps before the second convolution).
     """
     if model not in MODELS:
         raise StnbenchError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
@@ -171,6 +192,10 @@ def build(
         raise StnbenchError(f"model {model} needs a transform; expected one of {', '.join(KINDS)}")
     pool, n = options.pop("pool", None), options.pop("transformers", 1)
     pool = input_size >= 42 if pool is None else bool(pool)
+    if options.pop("multi", False):  # ST-CNN Multi: a transformer on the feature maps too
+        if make is not cnn:
+            raise StnbenchError(f"model.multi needs a convolutional model (st_cnn); got {model}")
+        make = functools.partial(cnn, multi=transform)
     transformers = [
         SpatialTransformer(arch.loc, transform, input_size, channels=channels, **options)
         for _ in range(n)

@@ -63,7 +63,13 @@ SEARCHED = "searched"  # a row's loc_lr_mult when its runs are a search's trials
 
 
 def row_label(
-    model: str, transform: str | None, residual=False, tanh=False, loc_lr_mult=1, transformers=1
+    model: str,
+    transform: str | None,
+    residual=False,
+    tanh=False,
+    loc_lr_mult=1,
+    transformers=1,
+    multi=False,
 ) -> str:
     """The table's row name: the paper's where it has one, variants marked after it. A run has
     a transformer when it records a transform (metrics.json's ``transform``, from models.is_st).
@@ -80,6 +86,8 @@ def row_label(
     if st and transformers > 1:  # side by side: the paper's 2xST-FCN
         label = f"{transformers}x{label}"
     marks = ["tanh" if tanh else "residual"] if tanh or residual else []
+    if multi:  # a transformer on the feature maps too (the paper's ST-CNN Multi)
+        marks.append("multi")
     if loc_lr_mult == SEARCHED:  # a search's trials: their own row, apart from any grid's
         marks.append("searched")
     elif st and not pd.isna(loc_lr_mult) and loc_lr_mult != 1:  # None / NaN: not recorded
@@ -135,7 +143,7 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
     runs = pd.DataFrame(list(records.values()))
     runs.attrs["unreadable"] = unreadable  # warnings() names them
     for key in ("transform", "residual", "tanh", "loc_lr_mult", "test_error", "val_error",
-                "transformer_dead", "searched", "transformers"):  # fmt: skip
+                "transformer_dead", "searched", "transformers", "multi"):  # fmt: skip
         if key not in runs:
             runs[key] = None
     loc = runs.loc_lr_mult.astype(float).fillna(1.0)  # not recorded: written before it was 1
@@ -148,9 +156,10 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
     loc = loc.astype(object).where(runs.searched.ne(True), SEARCHED)
     columns = [runs[k] for k in ("model", "transform", "residual", "tanh")] + [loc]
     columns.append(runs.transformers.astype(float).fillna(1).astype(int))  # recorded since A.1
+    columns.append(runs.multi.eq(True))
     runs["row"] = [
-        row_label(m, t, r is True, h is True, lm, n)
-        for m, t, r, h, lm, n in zip(*columns, strict=True)
+        row_label(m, t, r is True, h is True, lm, n, mu)
+        for m, t, r, h, lm, n, mu in zip(*columns, strict=True)
     ]
     return runs.sort_values(["row", "data", "lr", "seed", "path"], ignore_index=True)
 

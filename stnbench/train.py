@@ -87,6 +87,7 @@ def settings(cfg: DictConfig) -> dict:
         "residual": bool(cfg.model.residual or cfg.model.tanh) if st else None,
         "tanh": bool(cfg.model.tanh) if st else None,
         "transformers": cfg.model.transformers if st else None,
+        "multi": bool(cfg.model.multi) if st else None,
         "optim": cfg.optim.name,
         "lr": cfg.optim.lr,
         "loc_lr_mult": cfg.optim.loc_lr_mult,

@@ -7,7 +7,17 @@ from omegaconf import OmegaConf
 from stnbench import geometry
 from stnbench.cli import load_config
 from stnbench.errors import StnbenchError, describe
-from stnbench.models import BUDGET, MODELS, STModel, build, cnn_padding, count, from_config, is_st
+from stnbench.models import (
+    BUDGET,
+    MODELS,
+    FeatureWarp,
+    STModel,
+    build,
+    cnn_padding,
+    count,
+    from_config,
+    is_st,
+)
 
 CANVASES = (28, 42, 60)
 COMBOS = [(m, k) for m in MODELS for k in (geometry.KINDS if is_st(m) else [None])]
@@ -89,6 +99,27 @@ def test_transformers_side_by_side_start_at_identity_and_all_learn(model):
     one = build(model, "affine", 28).state_dict()
     assert any(k.startswith("transformer.loc.") for k in one)
     assert not any(k.startswith("others.") for k in one)
+
+
+@pytest.mark.parametrize("size", CANVASES)
+def test_st_cnn_multi_warps_feature_maps_from_the_identity_and_all_learn(size):
+    torch.manual_seed(0)
+    net = build("st_cnn", "affine", size, multi=True)
+    assert abs(count(net) / BUDGET - 1) < 0.05
+    (warp,) = [m for m in net.classifier if isinstance(m, FeatureWarp)]
+    maps = torch.rand(4, warp.transformer.loc[1].in_features // warp.transformer.out_size**2,
+                      warp.transformer.out_size, warp.transformer.out_size)  # fmt: skip
+    torch.testing.assert_close(warp(maps), maps, atol=1e-5, rtol=0)  # starts at the identity
+    x, y = batch(size)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} received no gradient"
+    with pytest.raises(StnbenchError, match="model.multi needs a convolutional model"):
+        build("st_fcn", "affine", size, multi=True)
 
 
 def test_cnn_pads_only_where_the_paper_stack_cannot_fit():

@@ -143,6 +143,7 @@ def test_rows_for_variants_and_other_columns():
     slow_loc = report.row_label("st_cnn", "affine", residual=True, loc_lr_mult=0.1)
     assert slow_loc == "ST-CNN Aff (residual, loc lr x0.1)"
     assert report.row_label("cnn", None, loc_lr_mult=0.1) == "CNN"  # no localisation net
+    assert report.row_label("st_cnn", "affine", multi=True) == "ST-CNN Aff (multi)"
 
 
 def test_a_localisation_lr_multiplier_is_a_row_of_its_own(tmp_path):
