@@ -42,8 +42,12 @@ def test_every_model_trains_and_st_models_start_at_identity(model, kind, size):
         torch.testing.assert_close(params, geometry.identity(kind).expand(4, -1))
         torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
 
-    # every parameter receives a gradient: after one step (the zero-initialised regression layer
-    # blocks the localisation net's gradient until it moves), all of them are non-zero
+    assert_every_parameter_learns(net, x, y)
+
+
+def assert_every_parameter_learns(net, x, y):
+    """Every parameter receives a gradient: after one step (the zero-initialised regression
+    layer blocks the localisation net's gradient until it moves), all of them are non-zero."""
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     for _ in range(2):
         opt.zero_grad()
@@ -87,14 +91,7 @@ def test_transformers_side_by_side_start_at_identity_and_all_learn(model):
     torch.testing.assert_close(out, torch.cat([x, x], dim=1), atol=1e-5, rtol=0)
     assert params.shape == (4, 12) and net(x).shape == (4, 19)
     torch.testing.assert_close(net.untransformed(x), net(x), atol=1e-5, rtol=1e-4)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    y = torch.randint(0, 19, (4,), generator=torch.Generator().manual_seed(1))
-    for _ in range(2):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
-    for name, p in net.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} received no gradient"
+    assert_every_parameter_learns(net, x, torch.randint(0, 19, (4,)))
     # one transformer keeps its parameter names: checkpoints written before still load
     one = build(model, "affine", 28).state_dict()
     assert any(k.startswith("transformer.loc.") for k in one)
@@ -110,14 +107,7 @@ def test_st_cnn_multi_warps_feature_maps_from_the_identity_and_all_learn(size):
     maps = torch.rand(4, warp.transformer.loc[1].in_features // warp.transformer.out_size**2,
                       warp.transformer.out_size, warp.transformer.out_size)  # fmt: skip
     torch.testing.assert_close(warp(maps), maps, atol=1e-5, rtol=0)  # starts at the identity
-    x, y = batch(size)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    for _ in range(2):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
-    for name, p in net.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} received no gradient"
+    assert_every_parameter_learns(net, *batch(size))
     with pytest.raises(StnbenchError, match="model.multi needs a convolutional model"):
         build("st_fcn", "affine", size, multi=True)
 
