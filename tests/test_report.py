@@ -118,6 +118,20 @@ def test_csv_reads_back_in_the_papers_layout(runs, tmp_path):
     assert not (tmp_path / "out" / "lr.png").exists()  # one learning rate: no lr plot
 
 
+def test_addition_runs_make_the_a1_column_beside_the_papers(tmp_path):
+    r = tmp_path / "runs"
+    run_folder(r, "rts", test=1.0, val=1.0)  # Table 1 alongside
+    for name, model, n, err in (("fcn", "fcn", 1, 40.0), ("st1", "st_fcn", 1, 20.0),
+                                ("st2", "st_fcn", 2, 8.0)):  # fmt: skip
+        run_folder(r, name, test=err, val=err, data="addition", model=model, transformers=n)
+    report.write(report.collect([r]), tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "table.csv", index_col=0)
+    assert list(table.index) == ["FCN", "ST-FCN Aff", "2xST-FCN Aff", "ST-CNN Aff"]
+    assert table.loc["2xST-FCN Aff", "Addition"] == 8.0
+    assert table.loc["2xST-FCN Aff", "Addition paper"] == 5.8
+    assert table.loc["FCN", "Addition paper"] == 47.7 and table.loc["ST-CNN Aff", "RTS"] == 1.0
+
+
 def test_the_lr_is_chosen_on_validation_and_a_diverged_lr_counts_as_100(tmp_path):
     r = tmp_path / "runs"
     run_folder(r, "low", test=5.0, val=6.0, lr=0.001)
