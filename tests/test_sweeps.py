@@ -241,6 +241,20 @@ def test_paper_table1_is_every_cell_once():
     assert labels == set(report.ROWS.values())
 
 
+def test_paper_addition_is_appendix_a1s_rows_and_ours():
+    batch = jobs("experiment=paper_addition")
+    assert len(batch) == 6 * 3
+    labels = set()
+    for overrides in batch[::3]:  # seed 0 of each row
+        cfg = load_config("stnbench_train", overrides)
+        assert cfg.data.name == "addition" and cfg.train.steps == 150_000
+        st = is_st(cfg.model.name)
+        labels.add(report.row_label(cfg.model.name, cfg.transform.kind if st else None,
+                                    transformers=cfg.model.transformers))  # fmt: skip
+    assert {"FCN", "CNN", "ST-FCN Aff", "2xST-FCN Aff"} <= labels  # the paper's A.1 rows
+    assert {"ST-CNN Aff", "2xST-CNN Aff"} <= labels
+
+
 def test_experiment_sweeps_need_m_and_take_command_line_values(bin_dir, tmp_path):
     r = cli(bin_dir, tmp_path, "stnbench-train", "experiment=paper_table1")
     assert r.returncode == 2 and "sweeps data, row, seed (hydra.sweeper.params); add -m" in (
