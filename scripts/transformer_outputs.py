@@ -25,12 +25,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from stnbench import data, models, pose, report  # noqa: E402
+from stnbench import data, pose, report  # noqa: E402
 from stnbench.config import recipe_of  # noqa: E402
+from stnbench.train import trained_model  # noqa: E402
 
 TAG = "transform/inputs_and_outputs"
 
@@ -44,23 +44,12 @@ def last_image(folder: str) -> tuple[int, Image.Image]:
     return last.step, Image.open(io.BytesIO(last.encoded_image_string))
 
 
-def evaluated_weights(ckpt: dict) -> dict:
-    """The weights that validation and test saw: the moving average (train.ema), if kept."""
-    if "ema" not in ckpt:
-        return ckpt["model"]
-    return {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
-
-
 def load_transformer(folder: Path):
-    cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    cfg, model, step = trained_model(folder)
     rec = recipe_of(cfg)
     if rec is None:
         sys.exit(f"{folder}: plain MNIST has no distortion to measure the pose against")
-    c = OmegaConf.to_container
-    model = models.from_config(c(cfg.model), c(cfg.transform), rec.canvas)
-    ckpt = torch.load(folder / "checkpoint.pt", weights_only=False, map_location="cpu")
-    model.load_state_dict(evaluated_weights(ckpt))
-    return cfg, rec, model.eval().transformer, ckpt["state"]["step"]
+    return cfg, rec, model.transformer, step
 
 
 @lru_cache

@@ -56,12 +56,12 @@ def cnn(
     p1, p2 = cnn_padding(input_size)
     first = (input_size - 8 + 2 * p1) // 2
     side = (first - 6 + 2 * p2) // 2
-    warp = nn.Identity() if multi is None else FeatureWarp(multi, first, width)
-    return nn.Sequential(
+    warp = [] if multi is None else [FeatureWarp(multi, first, width)]  # no module: the indices
+    return nn.Sequential(  # of the CNN's layers stay, and so its checkpoints
         nn.Conv2d(channels, width, 9, padding=p1),
         nn.ReLU(),
         nn.MaxPool2d(2),
-        warp,
+        *warp,
         nn.Conv2d(width, width, 7, padding=p2),
         nn.ReLU(),
         nn.MaxPool2d(2),

@@ -254,6 +254,21 @@ def load_checkpoint(path: Path, dev: torch.device) -> dict:
         raise unreadable(path, e) from e
 
 
+def trained_model(folder: Path, dev: str = "cpu"):
+    """A run's config and its model in eval mode with the weights that validation and test saw
+    (the moving average, when train.ema kept one), and the step of its checkpoint."""
+    cfg = OmegaConf.load(Path(folder) / ".hydra" / "config.yaml")
+    ckpt = load_checkpoint(Path(folder) / "checkpoint.pt", torch.device(dev))
+    model = build_model(cfg, torch.device(dev))
+    weights = ckpt["model"]
+    if "ema" in ckpt:  # an AveragedModel's: its module's, and how many it averaged
+        weights = {
+            k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"
+        }
+    model.load_state_dict(weights)
+    return cfg, model.eval(), ckpt["state"]["step"]
+
+
 def resume(out: Path, model: nn.Module, opt, ema=None) -> State:
     """The state of the run in ``out`` (its model, optimiser and average loaded), or a fresh
     one. (stnbench.train.claimed has checked that the folder holds this configuration's run.)"""

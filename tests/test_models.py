@@ -98,6 +98,13 @@ def test_transformers_side_by_side_start_at_identity_and_all_learn(model):
     assert not any(k.startswith("others.") for k in one)
 
 
+def test_the_cnns_parameter_names_are_those_its_checkpoints_hold():
+    names = {"0.weight", "0.bias", "3.weight", "3.bias", "7.weight", "7.bias"}
+    assert set(build("cnn", None, 28).state_dict()) == names
+    st = build("st_cnn", "affine", 42).state_dict()
+    assert {k.removeprefix("classifier.") for k in st if k.startswith("classifier.")} == names
+
+
 @pytest.mark.parametrize("size", CANVASES)
 def test_st_cnn_multi_warps_feature_maps_from_the_identity_and_all_learn(size):
     torch.manual_seed(0)

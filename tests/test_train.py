@@ -10,12 +10,13 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stnbench import geometry, models, report
 from stnbench.cli import load_config
-from stnbench.data import recipes
-from stnbench.train import lr_factor, train
+from stnbench.data import load, recipes
+from stnbench.train import evaluate, lr_factor, train, trained_model
 
 TINY = [
     "data.train_size=3000",
@@ -125,6 +126,18 @@ def test_cnn_runs_have_no_transform_diagnostics(runs):
     events.Reload()
     assert "val/error" in events.Tags()["scalars"]
     assert not any(t.startswith("theta/") for t in events.Tags()["histograms"])
+
+
+def test_a_finished_run_loads_as_it_was_tested(mnist_root, tmp_path):
+    """trained_model (the scripts' way in): the config Hydra saved, the averaged weights."""
+    cfg = config("data=plain", "model=st_fcn", "train.steps=30", "train.ema=0.9")
+    m = train(cfg, tmp_path)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")  # as stnbench-train leaves it
+    _, model, step = trained_model(tmp_path)
+    assert step == m["steps"] == 30 and not model.training
+    x, y = load("plain", "test")
+    assert evaluate(model, x, y, 1000)[1] == pytest.approx(m["test_error"], abs=0.01)
 
 
 @pytest.mark.slow
