@@ -5,8 +5,11 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -378,10 +381,23 @@ def test_transformer_diagnostics_reach_metrics_and_tensorboard(mnist_root, tmp_p
 
 def test_transformers_side_by_side_each_get_their_diagnostics(mnist_root, tmp_path):
     """MNIST addition with 2 ST-FCN transformers: a histogram per transformer per parameter and
-    each one's outputs beside the inputs in TensorBoard; metrics.json records how many."""
+    each one's outputs beside the inputs in TensorBoard; metrics.json records how many; and
+    scripts/addition_attention.py measures which digit each one looks at."""
     args = ("data=addition", "model=st_fcn", "model.transformers=2", "train.steps=20",
             "train.val_every=10")  # fmt: skip
-    m = train(config(*args), tmp_path)
+    cfg = config(*args)
+    m = train(cfg, tmp_path)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")  # as stnbench-train leaves it
+    csv, png = tmp_path / "attention.csv", tmp_path / "attention.png"
+    script = Path(__file__).parents[1] / "scripts" / "addition_attention.py"
+    done = subprocess.run([sys.executable, script, tmp_path, "--csv", csv, "--png", png],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    shares = pd.read_csv(csv)
+    assert list(shares.transformer.fillna(0)) == [0, 1, 2]  # the input, then each transformer
+    assert shares.share_channel0.between(0, 1).all() and png.stat().st_size > 10_000
+    assert abs(shares.share_channel0[0] - 0.5) < 0.05  # two digits' ink, about evenly
     assert m["status"] == "ok" and m["transformers"] == 2 and m["transformer_dead"] is False
     (events_file,) = tmp_path.rglob("events.out.tfevents.*")
     events = EventAccumulator(str(events_file), size_guidance={"images": 0, "histograms": 0})
