@@ -240,6 +240,12 @@ def unpinned_sweeps(config: DictConfig) -> dict[str, str]:
     }  # fmt: skip
 
 
+def pin_hint(sweeps: dict[str, str]) -> str:
+    """How to pin unpinned sweeps, for an error message: "pin it, e.g. seed=0"."""
+    key, value = next(iter(sweeps.items()))
+    return f"pin {'each' if len(sweeps) > 1 else 'it'}, e.g. {key}={value.split(',')[0]}"
+
+
 def run_name(data_name: str, model: str, kind: str) -> str:
     """A run folder's first part: what it trains on and with, its transform only if it has one."""
     return f"{data_name}_{model}_{kind}" if models.is_st(model) else f"{data_name}_{model}"

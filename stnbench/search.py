@@ -4,7 +4,7 @@ that depends on the model, and what a trial returns to the study."""
 from omegaconf import DictConfig
 
 from stnbench import models
-from stnbench.config import unpinned_sweeps
+from stnbench.config import pin_hint, unpinned_sweeps
 from stnbench.errors import StnbenchError
 
 CHANCE = 90.0  # percent error of a guess among 10 classes
@@ -25,8 +25,7 @@ def check_space(config: DictConfig) -> None:
         if not key.startswith("optim."):
             raise StnbenchError(
                 f"hydra.sweeper.params.{key}: a search tunes optim.* only; got the sweep "
-                f"'{value}' from the config (an experiment's); pin it, e.g. "
-                f"{key}={value.split(',')[0]}"
+                f"'{value}' from the config (an experiment's); {pin_hint({key: value})}"
             )
 
 

@@ -257,9 +257,9 @@ def test_paper_addition_is_appendix_a1s_rows_and_ours():
 
 def test_experiment_sweeps_need_m_and_take_command_line_values(bin_dir, tmp_path):
     r = cli(bin_dir, tmp_path, "stnbench-train", "experiment=paper_table1")
-    assert r.returncode == 2 and "sweeps data, row, seed (hydra.sweeper.params); add -m" in (
-        r.stderr
-    )
+    hint = "sweeps data, row, seed (hydra.sweeper.params); add -m to run the sweep, or pin each, "
+    hint += "e.g. data=r"
+    assert r.returncode == 2 and hint in r.stderr
     assert not (tmp_path / "outputs").exists()
     # each sweep pinned on the command line: one run
     one = ["data=plain", "row=fcn", "seed=0", "train.steps=2", "train.val_size=100"]

@@ -26,7 +26,7 @@ from hydra_plugins.stnbench_launcher.vectorized_launcher import VectorizedLaunch
 from omegaconf import DictConfig, OmegaConf
 
 from stnbench.cli import run
-from stnbench.config import check, unpinned_sweeps
+from stnbench.config import check, pin_hint, unpinned_sweeps
 from stnbench.errors import StnbenchError, one_line
 from stnbench.search import check_space, objective
 
@@ -108,11 +108,9 @@ class Checks(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         def checks():
             if sweeps := unpinned_sweeps(config):  # pinned on the command line, it is one run
-                key, value = next(iter(sweeps.items()))
                 raise StnbenchError(
                     f"this config sweeps {', '.join(sweeps)} (hydra.sweeper.params); add -m to "
-                    f"run the sweep, or pin {'each' if len(sweeps) > 1 else 'it'}, e.g. "
-                    f"{key}={value.split(',')[0]}"
+                    f"run the sweep, or {pin_hint(sweeps)}"
                 )
             check(config)
 
