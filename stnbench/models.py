@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stnbench import geometry
@@ -58,7 +59,7 @@ def cnn(
     side = (first - 6 + 2 * p2) // 2
     warp = [] if multi is None else [FeatureWarp(multi, first, width)]  # no module: the indices
     return nn.Sequential(  # of the CNN's layers stay, and so its checkpoints
-        nn.Conv2d(channels, width, 9, padding=p1),
+        FirstConv2d(channels, width, 9, padding=p1),
         nn.ReLU(),
         nn.MaxPool2d(2),
         *warp,
@@ -68,6 +69,57 @@ def cnn(
         nn.Flatten(),
         nn.Linear(width * side * side, num_classes),
     )
+
+
+class _InputGradByMatmul(torch.autograd.Function):
+    """conv2d whose gradient for its input is one matmul and a col2im (F.fold), not oneDNN's
+    backward-data kernel, which is slow for the few input channels of a first layer: for the
+    CNN's 1 -> 88 9x9 convolution on 28x28, 80 ms against 14 ms for a batch of 256 on 2 cores,
+    the whole gap between ST-CNN and CNN there (docs/performance.md). Stride 1, no dilation."""
+
+    generate_vmap_rule = True  # torch.func.vmap (the vectorised launcher) runs it as is
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
+        return F.conv2d(x, weight, bias, padding=padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, ctx.padding = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        b, c, h, w_out = g.shape
+        cols = w.reshape(c, -1).t() @ g.reshape(b, c, h * w_out)  # (B, C_in k k, h w)
+        gx = F.fold(cols, x.shape[-2:], w.shape[-2:], padding=ctx.padding)
+        p = [ctx.padding] * 2
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            g,
+            x,
+            w,
+            [c] if ctx.has_bias else None,
+            [1, 1],
+            p,
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [False, True, ctx.has_bias],
+        )  # oneDNN's own kernels for the weights and the bias
+        return gx, gw, gb, None
+
+
+class FirstConv2d(nn.Conv2d):
+    """The classifier's first convolution: nn.Conv2d (same parameters, same checkpoints) whose
+    input gradient, needed only behind a transformer, is computed by _InputGradByMatmul."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.requires_grad:  # a plain CNN's input: oneDNN's own backward (weights only)
+            return super().forward(x)
+        return _InputGradByMatmul.apply(x, self.weight, self.bias, self.padding[0])
 
 
 class FeatureWarp(nn.Module):

@@ -3,6 +3,7 @@ import importlib.resources
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.func import functional_call
 
 from stnbench import geometry
 from stnbench.cli import load_config
@@ -11,6 +12,7 @@ from stnbench.models import (
     BUDGET,
     MODELS,
     FeatureWarp,
+    FirstConv2d,
     STModel,
     build,
     cnn_padding,
@@ -117,6 +119,34 @@ def test_st_cnn_multi_warps_feature_maps_from_the_identity_and_all_learn(size):
     assert_every_parameter_learns(net, *batch(size))
     with pytest.raises(StnbenchError, match="model.multi needs a convolutional model"):
         build("st_fcn", "affine", size, multi=True)
+
+
+@pytest.mark.parametrize(("channels", "padding"), [(1, 0), (2, 0), (1, 4)])
+def test_first_conv_matches_torchs_convolution_and_its_gradients(channels, padding):
+    """The classifier's first convolution computes its input gradient its own way (matmul +
+    fold); output and every gradient must be nn.Conv2d's, in float32 (up to summation order)
+    and in float64 (gradcheck), with and without the input needing a gradient."""
+    torch.manual_seed(0)
+    ours = FirstConv2d(channels, 8, 9, padding=padding)
+    torch_conv = torch.nn.Conv2d(channels, 8, 9, padding=padding)
+    torch_conv.load_state_dict(ours.state_dict())
+    x = torch.rand(5, channels, 21, 21).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for conv in (ours, torch_conv):
+        xg = x.clone().requires_grad_(True)
+        out = conv(xg)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append([out, xg.grad, conv.weight.grad, conv.bias.grad])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    ours.weight.grad = None
+    ours(x).sum().backward()  # a plain CNN's input: torch's own path, the weights still learn
+    assert ours.weight.grad is not None and ours.weight.grad.abs().sum() > 0
+    d = ours.double()
+    xd = torch.rand(2, channels, 12, 12, dtype=torch.float64, requires_grad=True)
+    wd, bd = (p.detach().clone().requires_grad_(True) for p in (d.weight, d.bias))
+    conv = lambda x, w, b: functional_call(d, {"weight": w, "bias": b}, (x,))  # noqa: E731
+    assert torch.autograd.gradcheck(conv, (xd, wd, bd))
 
 
 def test_cnn_pads_only_where_the_paper_stack_cannot_fit():
