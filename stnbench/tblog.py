@@ -5,7 +5,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
-from torchvision.utils import make_grid
 
 from stnbench import geometry
 
@@ -43,6 +42,10 @@ def transform_panel(images: Tensor, out: Tensor, kind: str, params: Tensor) -> T
     drawn = outline(images, kind, params, out.shape[-1])
     shown = F.interpolate(out, size=(size, size), mode="nearest") if out.shape[-1] != size else out
     pairs = torch.stack([drawn, rgb(shown)], dim=1).flatten(0, 1)  # (2B, 3, H, W)
+    # imported here: torchvision's import takes 1.4 s (it loads torch._dynamo), which runs
+    # without a transformer need not pay
+    from torchvision.utils import make_grid
+
     return make_grid(pairs.clamp(0, 1).cpu(), nrow=8, padding=2, pad_value=0.5)
 
 

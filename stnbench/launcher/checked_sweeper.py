@@ -18,3 +18,8 @@ class CheckedSweeper(BasicSweeper):
             for job in batch:
                 check(loader.load_sweep_config(self.config, list(job)))
         return super().sweep(arguments)
+
+    def validate_batch_is_legal(self, batch) -> None:
+        """Hydra composes every job of a batch here, once more than the launcher does; sweep()
+        above composed and checked them all before the first, so not again (it saved 0.1-0.2 s
+        a job)."""
