@@ -1,6 +1,9 @@
-"""Wall time of an 8-learning-rate sweep: vectorised (hydra/launcher=vectorized, one process)
-against one process per job (stnbench-train once per learning rate), and Hydra's sequential
-launcher (one process, one job after another), on R (28x28) and RTS (42x42).
+"""Wall time of an 8-learning-rate sweep under each launcher a CPU user has: Hydra's sequential
+one (hydra/launcher=basic, one process, one job after another, all cores for each), joblib with
+2 jobs at once (hydra/launcher=joblib hydra.launcher.n_jobs=2: joblib's loky workers each get
+cores // n_jobs threads through OMP_NUM_THREADS, so 1 each on 2 cores) and the vectorised
+launcher (hydra/launcher=vectorized, the jobs batched as one model), on R (28x28) and RTS
+(42x42).
 
 Each job: the configured model, the first 10k training images, STEPS steps of batch 64, lr from
 LRS, validation every STEPS/2 steps on 2,000 images, test on all 10k: the whole command is timed,
@@ -9,8 +12,8 @@ times: training images per second of the whole sweep, forward + backward FLOPs p
 (torch's flop counter, as scripts/bench_train.py), the sweep's GFLOP/s and its fraction of this
 machine's fp32 matmul peak, measured in this process before and after (the higher).
 
-    python scripts/bench_sweep.py [--device cpu] [--model st_cnn] [--steps 200]
-        [--csv docs/bench_sweep_cpu.csv]
+    python scripts/bench_sweep.py [--device cpu] [--model st_cnn] [--steps 200] [--data r,rts]
+        [--csv docs/bench_sweep_cpu.csv] [--append]
 """
 
 import argparse
@@ -67,16 +70,16 @@ def statuses(folder: Path) -> str:
 
 def sweep(data_name: str, model: str, steps: int, dev: str, tmp: Path) -> list[dict]:
     args = job_args(data_name, model, steps, dev)
-    lrs = LRS.split(",")
     out = []
-    for mode in ("one process per job", "sequential launcher", "vectorized launcher"):
-        cwd = tmp / f"{data_name}_{model}_{mode.split()[0]}"
+    launchers = {
+        "sequential (basic)": ["hydra/launcher=basic"],
+        "joblib, 2 jobs x 1 thread": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+        "vectorised": ["hydra/launcher=vectorized"],
+    }
+    for mode, launcher in launchers.items():
+        cwd = tmp / f"{data_name}_{model}_{mode.split()[0].strip(',')}"
         cwd.mkdir()
-        if mode == "one process per job":
-            seconds = sum(timed([str(BIN), *args, f"optim.lr={lr}"], cwd) for lr in lrs)
-        else:
-            launcher = ["hydra/launcher=vectorized"] if mode.startswith("vectorized") else []
-            seconds = timed([str(BIN), "-m", *args, f"optim.lr={LRS}", *launcher], cwd)
+        seconds = timed([str(BIN), "-m", *args, f"optim.lr={LRS}", *launcher], cwd)
         out.append(
             {
                 "data": data_name,
@@ -97,6 +100,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--data", default="r,rts")
     parser.add_argument("--csv", type=Path)
+    parser.add_argument("--append", action="store_true", help="add to --csv's rows")
     args = parser.parse_args()
     dev = device.resolve(args.device)
     peak = matmul_peak(dev)
@@ -120,7 +124,7 @@ def main() -> None:
         table.loc[sel, "mflop_per_image"] = round(mflop, 2)
         table.loc[sel, "train_img_s"] = (images / table.loc[sel, "seconds"]).round(0)
         table.loc[sel, "gflop_s"] = (table.loc[sel, "train_img_s"] * mflop / 1e3).round(1)
-        base = table.loc[sel & (table["mode"] == "one process per job"), "seconds"].item()
+        base = table.loc[sel & (table["mode"] == "sequential (basic)"), "seconds"].item()
         table.loc[sel, "speedup"] = (base / table.loc[sel, "seconds"]).round(2)
     table["peak_fraction"] = (table["gflop_s"] / peak).round(3)
     table["seconds"] = table["seconds"].round(1)
@@ -131,6 +135,8 @@ def main() -> None:
     )
     print(table.to_string(index=False))
     if args.csv:
+        if args.append and args.csv.exists():
+            table = pd.concat([pd.read_csv(args.csv), table], ignore_index=True)
         table.to_csv(args.csv, index=False)
 
 
