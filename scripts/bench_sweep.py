@@ -1,9 +1,9 @@
 """Wall time of an 8-learning-rate sweep under each launcher a CPU user has: Hydra's sequential
 one (hydra/launcher=basic, one process, one job after another, all cores for each), joblib with
 2 jobs at once (hydra/launcher=joblib hydra.launcher.n_jobs=2: joblib's loky workers each get
-cores // n_jobs threads through OMP_NUM_THREADS, so 1 each on 2 cores) and the vectorised
-launcher (hydra/launcher=vectorized, the jobs batched as one model), on R (28x28) and RTS
-(42x42).
+cores // n_jobs threads through OMP_NUM_THREADS, so 1 each on 2 cores), on R (28x28) and RTS
+(42x42). (docs/bench_sweep_cpu.csv also holds the vectorised launcher's figures, measured
+before it was removed.)
 
 Each job: the configured model, the first 10k training images, STEPS steps of batch 64, lr from
 LRS, validation every STEPS/2 steps on 2,000 images, test on all 10k: the whole command is timed,
@@ -74,7 +74,6 @@ def sweep(data_name: str, model: str, steps: int, dev: str, tmp: Path) -> list[d
     launchers = {
         "sequential (basic)": ["hydra/launcher=basic"],
         "joblib, 2 jobs x 1 thread": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
-        "vectorised": ["hydra/launcher=vectorized"],
     }
     for mode, launcher in launchers.items():
         cwd = tmp / f"{data_name}_{model}_{mode.split()[0].strip(',')}"

@@ -77,8 +77,6 @@ class _InputGradByMatmul(torch.autograd.Function):
     CNN's 1 -> 88 9x9 convolution on 28x28, 80 ms against 14 ms for a batch of 256 on 2 cores,
     the whole gap between ST-CNN and CNN there (docs/performance.md). Stride 1, no dilation."""
 
-    generate_vmap_rule = True  # torch.func.vmap (the vectorised launcher) runs it as is
-
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
         return F.conv2d(x, weight, bias, padding=padding)

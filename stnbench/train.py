@@ -3,7 +3,7 @@
 The loop keeps the data on the device and picks each batch by index; the batch of step s is a
 pure function of (seed, epoch, position) and the learning rate a pure function of s, so a
 checkpoint (model, optimiser, ``State``) is all a resume needs to continue exactly. The helpers
-below are functions the loop calls; stnbench.vectorized calls the same ones for a group of runs.
+below are functions the loop calls.
 
 Writes: ``metrics.json`` (atomically, last), ``checkpoint.pt`` (at every validation), TensorBoard
 event files. The tables use ``test_error``, the final model's, as the paper reports; the
@@ -21,7 +21,6 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -225,7 +224,6 @@ def batches(cfg: DictConfig, d: Splits, start: int):
         step = (epoch + 1) * per_epoch
 
 
-@lru_cache(maxsize=1)  # the runs of a vectorised group share each epoch's draw
 def fresh_draw(name: str, epoch: int, root, seed: int, dev, rec: Recipe | None):
     x, y = data.fresh(name, "train", epoch, root, seed, dev, rec)
     return x.to(dev), y.to(dev)
@@ -363,7 +361,6 @@ class Run:
     writer: SummaryWriter
     bar: tqdm
     ema: AveragedModel | None = None
-    tag: str = ""  # before each log line (which run of a group it is)
     loss_sum: Tensor | float = 0.0  # left on the device between log lines
     wrong_sum: Tensor | int = 0
     since_log: int = 0
@@ -381,7 +378,7 @@ class Run:
         return self.model if self.ema is None else self.ema.module
 
 
-def start(cfg: DictConfig, out: Path, d: Splits, model, opt, progress=False, tag="") -> Run:
+def start(cfg: DictConfig, out: Path, d: Splits, model, opt, progress=False) -> Run:
     """A run's bookkeeping, resumed from its checkpoint if it has one."""
     out = Path(out)
     ema = make_ema(model, cfg.train.ema)
@@ -393,7 +390,7 @@ def start(cfg: DictConfig, out: Path, d: Splits, model, opt, progress=False, tag
         writer.add_text("model/params", text)
     bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not progress, unit="step",
                dynamic_ncols=True, leave=False)  # fmt: skip
-    return Run(cfg, out, model, opt, d, state, writer, bar, ema, tag)
+    return Run(cfg, out, model, opt, d, state, writer, bar, ema)
 
 
 def clock(r: Run) -> None:
@@ -444,7 +441,7 @@ def log_training(r: Run) -> None:
     if not r.estimated:  # once per process: how long the planned steps will take at this rate
         r.estimated = True
         left = datetime.timedelta(seconds=round((t.steps - step) * t.batch_size / rate))
-        log.info("%s%d steps to go: about %s at %.0f img/s", r.tag, t.steps - step, left, rate)
+        log.info("%d steps to go: about %s at %.0f img/s", t.steps - step, left, rate)
     r.loss_sum, r.wrong_sum, r.since_log, r.t_log = 0.0, 0, 0, time.perf_counter()
     if not math.isfinite(mean_loss):
         r.state.status, r.state.reason = "diverged", f"non-finite training loss by step {step}"
@@ -503,7 +500,7 @@ def validate(r: Run) -> None:
         line += f" (untransformed {err_raw:.2f}%), distance from identity "
         line += f"{', '.join(f'{v:.3f}' for v in distance)}, spread {state.transform_spread:.2g}, "
         line += f"dead units {state.loc_dead_units:.0%}"
-    log.info("%s%s", r.tag, line)
+    log.info("%s", line)
     model.train()
     state.last_val = [step, loss, err]
     if not math.isfinite(loss):
@@ -516,15 +513,15 @@ def validate(r: Run) -> None:
     state.streak = state.streak + 1 if err >= c.error else 0
     if state.streak >= c.patience and state.collapsed_at is None:
         state.collapsed_at = step
-        log.warning("%scollapse at step %d: validation error >= %g%% for %d validations",
-                    r.tag, step, c.error, state.streak)  # fmt: skip
+        log.warning("collapse at step %d: validation error >= %g%% for %d validations",
+                    step, c.error, state.streak)  # fmt: skip
     if state.collapsed_at is not None and c.stop:
         state.status = "collapsed"
         state.reason = f"validation error >= {c.error:g}% for {c.patience} validations by step "
         state.reason += str(step)
 
 
-def finish(r: Run, **extra) -> dict:
+def finish(r: Run) -> dict:
     """The final and best-validation models on the test set; metrics.json, written last."""
     clock(r)
     r.bar.close()
@@ -571,7 +568,6 @@ def finish(r: Run, **extra) -> dict:
         "images_per_second": round(state.step * t.batch_size / train_seconds, 1),
         **settings(cfg),
         "device": str(device.resolve(cfg.device)),
-        **extra,
     }
     hparam = {k: metrics[k] for k in HPARAMS} | {"seed": metrics["seed"]}
     hparam |= {"transform": metrics["transform"] or "none", "residual": bool(metrics["residual"])}

@@ -134,5 +134,5 @@ def test_wheel_ships_the_configs(tmp_path):
     assert "stnbench/conf/row/st_cnn_tps.yaml" in names
     assert "stnbench/conf/experiment/paper_table1_cpu.yaml" in names
     assert "stnbench/conf/hydra/launcher/slurm.yaml" in names
-    assert "hydra_plugins/stnbench_launcher/vectorized_launcher.py" in names  # Hydra scans there
+    assert "hydra_plugins/stnbench_launcher/checked_sweeper.py" in names  # Hydra scans there
     assert not any(n.startswith("hydra_plugins/__init__") for n in names)  # a namespace package

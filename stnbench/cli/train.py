@@ -22,7 +22,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.plugins import Plugins
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from hydra_plugins.stnbench_launcher.vectorized_launcher import VectorizedLauncher
 from omegaconf import DictConfig, OmegaConf
 
 from stnbench.cli import run
@@ -142,7 +141,6 @@ def main() -> int:
     from hydra_plugins.stnbench_launcher.checked_sweeper import CheckedSweeper
 
     plugins.register(CheckedSweeper)
-    plugins.register(VectorizedLauncher)
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra's errors reach run(): one line each
     logging.raiseExceptions = False  # a log file on a full disk: no second traceback
     signal.signal(signal.SIGTERM, interrupt)
