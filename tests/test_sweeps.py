@@ -170,6 +170,8 @@ def test_joblib_launcher_gives_the_same_layout(sweep, bin_dir):
             "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     parallel = metrics_below(tmp / "parallel")
+    # the jobs ran in joblib's workers; the summary counts them from what they returned
+    assert f"stnbench-train: {len(parallel)} jobs: {len(parallel)} ok" in r.stdout
     assert sorted(parallel) == sorted(metrics_below(tmp / "runs"))
     assert all(m["status"] == "ok" for m in parallel.values())
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -69,6 +70,17 @@ def job(cfg: DictConfig) -> dict | None:
         print(f"{PROG}: {metrics['status']}, test error {metrics['test_error']}% -> {where}")
         print(f"TensorBoard: tensorboard --logdir {where}")
     return metrics
+
+
+def count_returns(returns: list[JobReturn]) -> None:
+    """How a sweep's jobs ended, from what they returned, when they ran in other processes
+    (joblib, submitit) and so did not count themselves into OUTCOMES: a job returns its metrics,
+    or nothing when it was refused."""
+    if OUTCOMES:  # the sequential launcher: counted as they ran
+        return
+    for r in returns:
+        value = r.return_value if r.status == JobStatus.COMPLETED else None
+        OUTCOMES[value["status"] if isinstance(value, dict) else "skipped"] += 1
 
 
 def ended(code: int, in_sweep: str, sweep: bool, alone: str, status="skipped") -> None:

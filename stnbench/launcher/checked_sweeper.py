@@ -17,7 +17,11 @@ class CheckedSweeper(BasicSweeper):
         for batch in self.split_arguments(overrides, None):
             for job in batch:
                 check(loader.load_sweep_config(self.config, list(job)))
-        return super().sweep(arguments)
+        returns = super().sweep(arguments)
+        from stnbench.cli.train import count_returns
+
+        count_returns([r for batch in returns for r in batch])
+        return returns
 
     def validate_batch_is_legal(self, batch) -> None:
         """Hydra composes every job of a batch here, once more than the launcher does; sweep()
