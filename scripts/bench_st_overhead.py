@@ -3,18 +3,19 @@ classifier's first convolution as it is now (stnbench.models.FirstConv2d, its in
 matmul + fold) and as it was (nn.Conv2d, oneDNN's backward-data kernel), all in one process.
 
 The three models train in turn through stnbench.train's own step (prepare(): channels_last),
-ROUNDS rounds of STEPS steps each on random images, and the median rate of each is reported, so
-a noisy machine slows all three alike. Beside the rates: forward + backward FLOPs per image
-(scripts/bench_train.py's counter), GFLOP/s and the fraction of this machine's fp32 matmul peak.
+ROUNDS rounds of about SECONDS each (after two warm-up steps) on random images, and the median
+rate of each is reported, so a noisy machine slows all three alike. Beside the rates: forward +
+backward FLOPs per image (scripts/bench_train.py's counter), GFLOP/s and the fraction of this
+machine's fp32 matmul peak.
 
     python scripts/bench_st_overhead.py [--batch 64] [--canvas 28,42]
 """
 
 import argparse
+import functools
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -22,12 +23,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_train import flops_per_image, matmul_peak  # noqa: E402
+from bench_train import flops_per_image, matmul_peak, timed_steps  # noqa: E402
 
 from stnbench import models  # noqa: E402
 from stnbench.train import prepare, train_step  # noqa: E402
 
-ROUNDS, STEPS = 6, 20
+ROUNDS, SECONDS = 6, 1.0
 
 
 def build(model: str, canvas: int, torch_first_conv: bool = False) -> nn.Module:
@@ -63,12 +64,8 @@ def main() -> None:
         rates = {k: [] for k in nets}
         for _ in range(ROUNDS):
             for k, net in nets.items():
-                for _ in range(2):  # warm-up
-                    train_step(net, opts[k], x, y)
-                start = time.perf_counter()
-                for _ in range(STEPS):
-                    train_step(net, opts[k], x, y)
-                rates[k].append(STEPS * args.batch / (time.perf_counter() - start))
+                step = functools.partial(train_step, net, opts[k], x, y)
+                rates[k].append(args.batch * timed_steps(step, SECONDS, cpu))
         base = statistics.median(rates["CNN"])
         for k, net in nets.items():
             rate = statistics.median(rates[k])
@@ -89,7 +86,7 @@ def main() -> None:
     print(
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; fp32 "
         f"matmul peak {peak:.0f} GFLOP/s; batch {args.batch}, median of {ROUNDS} rounds of "
-        f"{STEPS} steps\n"
+        f"{SECONDS:g} s\n"
     )
     print(table.to_string(index=False))
 
