@@ -1,9 +1,12 @@
-"""Wall time of an 8-learning-rate sweep under each launcher a CPU user has: Hydra's sequential
-one (hydra/launcher=basic, one process, one job after another, all cores for each), joblib with
-2 jobs at once (hydra/launcher=joblib hydra.launcher.n_jobs=2: joblib's loky workers each get
-cores // n_jobs threads through OMP_NUM_THREADS, so 1 each on 2 cores), on R (28x28) and RTS
-(42x42). (docs/bench_sweep_cpu.csv also holds the vectorised launcher's figures, measured
-before it was removed.)
+"""Wall time of a learning-rate sweep under each launcher a CPU user has: Hydra's sequential
+one (hydra/launcher=basic, one process, one job after another, all cores for each), Hydra's
+joblib launcher with 2 jobs at once (hydra/launcher=joblib hydra.launcher.n_jobs=2: joblib's loky
+workers each get cores // n_jobs threads through OMP_NUM_THREADS, so 1 each on 2 cores), and
+stnbench's default (no override: joblib with one job per core, the jobs left over by the last
+full round in fewer workers with more threads, a last single one in-process with every core), on
+R (28x28) and RTS (42x42). --lrs takes the first N of the 8 learning rates (3 for a sweep whose
+count the 2 cores do not divide). (docs/bench_sweep_cpu.csv also holds the vectorised launcher's
+figures, measured before it was removed.)
 
 Each job: the configured model, the first 10k training images, STEPS steps of batch 64, lr from
 LRS, validation every STEPS/2 steps on 2,000 images, test on all 10k: the whole command is timed,
@@ -13,7 +16,7 @@ times: training images per second of the whole sweep, forward + backward FLOPs p
 machine's fp32 matmul peak, measured in this process before and after (the higher).
 
     python scripts/bench_sweep.py [--device cpu] [--model st_cnn] [--steps 200] [--data r,rts]
-        [--csv docs/bench_sweep_cpu.csv] [--append]
+        [--lrs 8] [--csv docs/bench_sweep_cpu.csv] [--append]
 """
 
 import argparse
@@ -68,21 +71,23 @@ def statuses(folder: Path) -> str:
     return f"{found.count('ok')}/{len(found)} ok"
 
 
-def sweep(data_name: str, model: str, steps: int, dev: str, tmp: Path) -> list[dict]:
+def sweep(data_name: str, model: str, steps: int, lrs: str, dev: str, tmp: Path) -> list[dict]:
     args = job_args(data_name, model, steps, dev)
     out = []
     launchers = {
         "sequential (basic)": ["hydra/launcher=basic"],
         "joblib, 2 jobs x 1 thread": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+        "default (stnbench)": [],
     }
     for mode, launcher in launchers.items():
-        cwd = tmp / f"{data_name}_{model}_{mode.split()[0].strip(',')}"
+        cwd = tmp / f"{data_name}_{model}_{len(lrs.split(','))}_{mode.split()[0].strip(',')}"
         cwd.mkdir()
-        seconds = timed([str(BIN), "-m", *args, f"optim.lr={LRS}", *launcher], cwd)
+        seconds = timed([str(BIN), "-m", *args, f"optim.lr={lrs}", *launcher], cwd)
         out.append(
             {
                 "data": data_name,
                 "model": model,
+                "jobs": len(lrs.split(",")),
                 "mode": mode,
                 "seconds": seconds,
                 "runs": statuses(cwd),
@@ -98,18 +103,20 @@ def main() -> None:
     parser.add_argument("--model", default="st_cnn")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--data", default="r,rts")
+    parser.add_argument("--lrs", type=int, default=8, help="the first N learning rates")
     parser.add_argument("--csv", type=Path)
     parser.add_argument("--append", action="store_true", help="add to --csv's rows")
     args = parser.parse_args()
     dev = device.resolve(args.device)
     peak = matmul_peak(dev)
+    lrs = ",".join(LRS.split(",")[: args.lrs])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.data.split(","):
             data.load(name, "train")  # built and cached before any timing
-            rows += sweep(name, args.model, args.steps, args.device, Path(tmp))
+            rows += sweep(name, args.model, args.steps, lrs, args.device, Path(tmp))
     peak = max(peak, matmul_peak(dev))
-    n_lrs = len(LRS.split(","))
+    n_lrs = len(lrs.split(","))
     table = pd.DataFrame(rows)
     for name in table["data"].unique():
         canvas = data.recipe(name).canvas if data.recipe(name) else 28
@@ -126,6 +133,7 @@ def main() -> None:
         base = table.loc[sel & (table["mode"] == "sequential (basic)"), "seconds"].item()
         table.loc[sel, "speedup"] = (base / table.loc[sel, "seconds"]).round(2)
     table["peak_fraction"] = (table["gflop_s"] / peak).round(3)
+    table["peak_gflop_s"] = round(peak)
     table["seconds"] = table["seconds"].round(1)
     print(
         f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 from hydra.core.config_store import ConfigStore
+from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stnbench import data, geometry, mnist, models
@@ -289,9 +290,19 @@ class CheckedSweeperConf:
     params: dict[str, str] | None = None
 
 
+@dataclass
+class LocalLauncherConf(JobLibLauncherConf):
+    """hydra/launcher=stnbench (hydra_plugins.stnbench_launcher.local_launcher), the default:
+    joblib's settings, ``n_jobs`` None for one job per core without a GPU, one with."""
+
+    _target_: str = "hydra_plugins.stnbench_launcher.local_launcher.LocalLauncher"
+    n_jobs: int | None = None
+
+
 OmegaConf.register_new_resolver("stnbench_run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("stnbench_folder_excludes", folder_excludes, replace=True)
 ConfigStore.instance().store(name="stnbench_train_schema", node=TrainJob)
 ConfigStore.instance().store(name="stnbench_lr_find_schema", node=LrFindJob)
 ConfigStore.instance().store(name="stnbench_data_schema", node=DataJob)
 ConfigStore.instance().store(group="hydra/sweeper", name="stnbench", node=CheckedSweeperConf)
+ConfigStore.instance().store(group="hydra/launcher", name="stnbench", node=LocalLauncherConf)

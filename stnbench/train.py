@@ -568,6 +568,7 @@ def finish(r: Run) -> dict:
         "images_per_second": round(state.step * t.batch_size / train_seconds, 1),
         **settings(cfg),
         "device": str(device.resolve(cfg.device)),
+        "threads": torch.get_num_threads(),  # a sweep's jobs may run with fewer than a lone run
     }
     hparam = {k: metrics[k] for k in HPARAMS} | {"seed": metrics["seed"]}
     hparam |= {"transform": metrics["transform"] or "none", "residual": bool(metrics["residual"])}
@@ -609,17 +610,22 @@ def loop(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
         return interrupted(r) if caught else finish(r)
 
 
+INTERRUPTS: list[int] = []  # signals that reached a sweep's worker outside the loop (cli.train)
+
+
 @contextmanager
 def deferred_interrupts():
     """Ctrl-C and SIGTERM end the loop between two steps, so the checkpoint it then saves resumes
-    exactly (a second one interrupts at once); yields the signals caught. Main thread only."""
-    caught: list[int] = []
+    exactly (the same signal a second time interrupts at once: a sweep's workers get a terminal's
+    Ctrl-C and the SIGTERM their launcher passes on); yields the signals caught. Main thread
+    only."""
+    caught = list(INTERRUPTS)
     if threading.current_thread() is not threading.main_thread():
         yield caught
         return
 
     def handler(signum, frame):
-        if caught:
+        if signum in caught:
             raise KeyboardInterrupt
         caught.append(signum)
 

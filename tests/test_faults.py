@@ -111,6 +111,39 @@ def resume_then_stop(bin_dir, out, step, *overrides):
     assert proc.wait(timeout=60) == 130
 
 
+@pytest.mark.parametrize("group", [False, True], ids=["SIGTERM", "terminal Ctrl-C"])
+def test_an_interrupted_sweep_checkpoints_its_running_jobs(mnist_root, bin_dir, tmp_path, group):
+    """4 jobs in 2 workers (the default launcher's, hydra.launcher.n_jobs=2 on any machine):
+    SIGTERM to the command, or Ctrl-C in a terminal (SIGINT to the process group), checkpoints
+    the 2 running jobs, never starts the other 2 and ends in one line, exit status 130."""
+    sweep = tmp_path / "sweep"
+    lrs = "optim.lr=0.01,0.02,0.03,0.04"
+    args = [str(bin_dir / "stnbench-train"), "-m", *RUN, lrs, "train.steps=1000000000",
+            "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    logs = lambda: list(sweep.rglob("train.log"))  # noqa: E731
+    try:
+        wait_for(lambda: sum("steps to go" in f.read_text() for f in logs()) == 2)
+        if group:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:  # a sweep that did not stop is not left training
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        "stnbench-train: sweep interrupted; its running jobs saved their checkpoints (each "
+        "job's line above says at which step): rerun the same command to resume"
+    )
+    ran = [f.parent for f in sweep.rglob("checkpoint.pt")]
+    assert len(ran) == 2 and not list(sweep.rglob("metrics.json"))  # the others never started
+    for out in ran:
+        step = torch.load(out / "checkpoint.pt")["state"]["step"]
+        assert f"interrupted at step {step}; checkpoint saved" in (out / "train.log").read_text()
+
+
 def test_a_killed_run_leaves_no_stale_lock(mnist_root, bin_dir, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(command(bin_dir, out, "train.steps=100000"))

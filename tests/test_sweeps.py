@@ -1,4 +1,5 @@
-"""Sweeps through the CLI (sequential and submitit's local executor), the experiment configs, and
+"""Sweeps through the CLI (the default launcher, the sequential one and submitit's local executor),
+the experiment configs, and
 stnbench-report's tables checked against the runs' own metrics.json."""
 
 import json
@@ -8,8 +9,11 @@ import re
 import subprocess
 import sys
 
+import joblib
 import pandas as pd
 import pytest
+import torch
+from hydra.core.utils import JobReturn, JobStatus
 from PIL import Image
 
 from stnbench import report
@@ -153,27 +157,89 @@ def test_submitit_local_executor_gives_the_same_layout(sweep, bin_dir):
     r = cli(bin_dir, tmp, "stnbench-train", *SWEEP, "hydra.sweep.dir=cluster",
             "hydra/launcher=submitit_local")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    sequential, cluster = metrics_below(tmp / "runs"), metrics_below(tmp / "cluster")
-    assert sorted(cluster) == sorted(sequential)
+    default, cluster = metrics_below(tmp / "runs"), metrics_below(tmp / "cluster")
+    assert sorted(cluster) == sorted(default)
     for folder, m in cluster.items():
         assert m["status"] == "ok", folder
-        assert m["test_error"] == pytest.approx(sequential[folder]["test_error"], abs=2.0)
+        if folder.startswith("plain_cnn/"):  # another thread count: see the test below
+            assert m["test_error"] == pytest.approx(default[folder]["test_error"], abs=2.0)
     assert list((tmp / "cluster" / ".submitit").iterdir())  # it went through submitit
+    # the jobs ran in submitit's processes; the summary counts them from what they returned
+    assert f"stnbench-train: {len(cluster)} jobs: {len(cluster)} ok" in r.stdout
     rep = cli(bin_dir, tmp, "stnbench-report", "cluster")
     assert rep.returncode == 0 and (tmp / "cluster" / "report" / "table.md").exists()
 
 
 @pytest.mark.slow
-def test_joblib_launcher_gives_the_same_layout(sweep, bin_dir):
+def test_the_sequential_launcher_gives_the_same_results(sweep, bin_dir):
+    """The fixture's sweep ran under the default launcher (two joblib workers on a CPU-only
+    machine); hydra/launcher=basic runs the same jobs one by one in this process."""
     tmp, _, _ = sweep
-    r = cli(bin_dir, tmp, "stnbench-train", *SWEEP, "hydra.sweep.dir=parallel",
-            "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")  # fmt: skip
+    r = cli(bin_dir, tmp, "stnbench-train", *SWEEP, "hydra.sweep.dir=one_by_one",
+            "hydra/launcher=basic")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    parallel = metrics_below(tmp / "parallel")
-    # the jobs ran in joblib's workers; the summary counts them from what they returned
-    assert f"stnbench-train: {len(parallel)} jobs: {len(parallel)} ok" in r.stdout
-    assert sorted(parallel) == sorted(metrics_below(tmp / "runs"))
-    assert all(m["status"] == "ok" for m in parallel.values())
+    assert "Launching 4 jobs locally" in r.stdout  # Hydra's sequential launcher's own line
+    one_by_one, default = metrics_below(tmp / "one_by_one"), metrics_below(tmp / "runs")
+    assert f"stnbench-train: {len(one_by_one)} jobs: {len(one_by_one)} ok" in r.stdout
+    assert sorted(one_by_one) == sorted(default)
+    assert {m["threads"] for m in one_by_one.values()} == {torch.get_num_threads()}
+    if 4 % joblib.cpu_count() == 0:  # the default ran the 4 jobs in full rounds of 1 thread each
+        assert {m["threads"] for m in default.values()} == {1}
+    for folder, m in one_by_one.items():  # the CNNs agree; an ST-CNN next to collapse need not
+        if folder.startswith("plain_cnn/"):
+            assert m["test_error"] == pytest.approx(default[folder]["test_error"], abs=2.0)
+
+
+@pytest.mark.parametrize(
+    "jobs, workers, expected",
+    [
+        (4, 2, [("joblib", 2, 4)]),
+        (3, 2, [("joblib", 2, 2), ("here", 1, 1)]),  # the last job alone, with every core
+        (7, 4, [("joblib", 4, 4), ("joblib", 3, 3)]),
+        (1, 2, [("here", 1, 1)]),
+        (3, 1, [("here", 1, 3)]),  # a GPU machine: one by one
+        (2, 8, [("joblib", 2, 2)]),
+    ],
+)
+def test_the_default_launcher_fills_every_core(monkeypatch, jobs, workers, expected):
+    from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+    from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+    from hydra_plugins.stnbench_launcher.local_launcher import LocalLauncher
+
+    ran = []
+
+    def joblib_launch(self, overrides, idx):
+        ran.append(("joblib", self.joblib["n_jobs"], len(overrides)))
+        return [JobReturn(status=JobStatus.COMPLETED, _return_value={"status": "ok"})] * len(
+            overrides
+        )
+
+    def basic_launch(self, overrides, idx):
+        ran.append(("here", 1, len(overrides)))
+        cli_train.OUTCOMES["ok"] += len(overrides)  # as job() counts itself
+        return [JobReturn(status=JobStatus.COMPLETED, _return_value={"status": "ok"})] * len(
+            overrides
+        )
+
+    monkeypatch.setattr(JoblibLauncher, "launch", joblib_launch)
+    monkeypatch.setattr(BasicLauncher, "launch", basic_launch)
+    monkeypatch.setattr(cli_train, "OUTCOMES", cli_train.collections.Counter())
+    launcher = LocalLauncher(n_jobs=workers)
+    returns = launcher.launch([[f"seed={i}"] for i in range(jobs)], 0)
+    assert ran == expected and len(returns) == jobs
+    assert cli_train.OUTCOMES == {"ok": jobs}  # each job counted once, wherever it ran
+
+
+def test_the_default_launcher_runs_one_job_per_core_without_a_gpu(monkeypatch):
+    import joblib
+    from hydra_plugins.stnbench_launcher import local_launcher
+
+    monkeypatch.setattr(joblib, "cpu_count", lambda: 16)
+    assert local_launcher.default_jobs() == min(16, local_launcher.memory() // 2**31)
+    monkeypatch.setattr(local_launcher, "memory", lambda: 8 * 2**30)
+    assert local_launcher.default_jobs() == 4  # 2 GiB a worker
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert local_launcher.default_jobs() == 1  # a GPU holds one run at a time
 
 
 def test_a_crashing_job_is_recorded_and_the_sweep_goes_on(mnist_root, tmp_path, monkeypatch):
@@ -186,7 +252,14 @@ def test_a_crashing_job_is_recorded_and_the_sweep_goes_on(mnist_root, tmp_path, 
 
     monkeypatch.setattr(stnbench.train, "train", fake_train)
     monkeypatch.setattr(cli_train, "OUTCOMES", cli_train.collections.Counter())
-    argv = ["stnbench-train", "-m", "optim.lr=0.1,0.2,0.3", *TINY, f"hydra.sweep.dir={tmp_path}"]
+    argv = [
+        "stnbench-train",
+        "-m",
+        "optim.lr=0.1,0.2,0.3",
+        *TINY,
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra/launcher=basic",
+    ]  # fmt: skip  (in this process, where the fake is)
     monkeypatch.setattr(sys, "argv", argv)
     assert cli_train.main() == 1  # a failed job makes the exit status non-zero
     assert cli_train.OUTCOMES == {"ok": 1, "failed": 1, "diverged": 1}

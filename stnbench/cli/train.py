@@ -32,7 +32,7 @@ from stnbench.search import check_space, objective
 
 PROG = "stnbench-train"
 log = logging.getLogger(PROG)
-OUTCOMES = collections.Counter()  # statuses of this process's jobs (the sequential launcher's)
+OUTCOMES = collections.Counter()  # statuses of a sweep's jobs, or of the one run
 
 
 @hydra.main(config_path="pkg://stnbench.conf", config_name="stnbench_train", version_base="1.3")
@@ -43,8 +43,15 @@ def app(cfg: DictConfig) -> dict | float | None:
 
 
 def job(cfg: DictConfig) -> dict | None:
-    from stnbench.train import record_failure, train
+    from hydra_plugins.stnbench_launcher.local_launcher import in_worker
 
+    from stnbench.train import INTERRUPTS, record_failure, train
+
+    if worker := in_worker():  # Ctrl-C and SIGTERM wait for the training loop to see them
+        if INTERRUPTS:  # the sweep is stopping: this job is not started
+            return None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda signum, frame: INTERRUPTS.append(signum))
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
     progress = cfg.train.progress
@@ -52,6 +59,11 @@ def job(cfg: DictConfig) -> dict | None:
     out = Path(hc.runtime.output_dir)
     try:
         metrics = train(cfg, out, progress)
+    except KeyboardInterrupt:  # the run saved its checkpoint (in its loop) or had none to save
+        if worker:  # no other job starts here; the launcher ends the sweep when all returned
+            INTERRUPTS.append(signal.SIGTERM)
+            return None
+        raise
     except StnbenchError as e:  # refused: bad input, a folder in use or of another run
         return ended(e.code, f"{out}: skipped: {one_line(e)}", sweep, str(e))
     except Exception as e:  # a crash is recorded, its traceback goes to the run's train.log
@@ -72,15 +84,13 @@ def job(cfg: DictConfig) -> dict | None:
     return metrics
 
 
-def count_returns(returns: list[JobReturn]) -> None:
-    """How a sweep's jobs ended, from what they returned, when they ran in other processes
-    (joblib, submitit) and so did not count themselves into OUTCOMES: a job returns its metrics,
-    or nothing when it was refused."""
-    if OUTCOMES:  # the sequential launcher: counted as they ran
-        return
+def count_returns(returns: list[JobReturn]) -> list[JobReturn]:
+    """Counts into OUTCOMES how jobs that ran in other processes (joblib's, submitit's) ended,
+    from what they returned: a job returns its metrics, or nothing when it was refused."""
     for r in returns:
         value = r.return_value if r.status == JobStatus.COMPLETED else None
         OUTCOMES[value["status"] if isinstance(value, dict) else "skipped"] += 1
+    return returns
 
 
 def ended(code: int, in_sweep: str, sweep: bool, alone: str, status="skipped") -> None:
@@ -148,11 +158,13 @@ class Checks(Callback):
 
 def main() -> int:
     # Hydra's plugin scan misses our sweeper and launcher in an editable install. It re-executes
-    # Hydra's own plugin modules, so the sweeper, a subclass of one, is imported after it.
+    # Hydra's own plugin modules, so ours, subclasses of those, are imported after it.
     plugins = Plugins.instance()
     from hydra_plugins.stnbench_launcher.checked_sweeper import CheckedSweeper
+    from hydra_plugins.stnbench_launcher.local_launcher import LocalLauncher
 
     plugins.register(CheckedSweeper)
+    plugins.register(LocalLauncher)
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra's errors reach run(): one line each
     logging.raiseExceptions = False  # a log file on a full disk: no second traceback
     signal.signal(signal.SIGTERM, interrupt)

@@ -18,9 +18,10 @@ class CheckedSweeper(BasicSweeper):
             for job in batch:
                 check(loader.load_sweep_config(self.config, list(job)))
         returns = super().sweep(arguments)
-        from stnbench.cli.train import count_returns
+        from stnbench.cli.train import OUTCOMES, count_returns
 
-        count_returns([r for batch in returns for r in batch])
+        if not OUTCOMES:  # no job counted itself: they ran in another launcher's processes
+            count_returns([r for batch in returns for r in batch])
         return returns
 
     def validate_batch_is_legal(self, batch) -> None:
