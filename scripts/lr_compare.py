@@ -60,8 +60,9 @@ def compare(case: str, args, optuna: bool) -> list[dict]:
     out = Path(args.out) / f"{name}_{row}"
     rows = []
 
+    # one job after another, as the search's trials (hydra.sweeper.n_jobs: 1) and as measured
     seconds, _ = run([BIN / "stnbench-train", "-m", *pinned, f"optim.lr={args.grid}",
-                      f"hydra.sweep.dir={out / 'grid'}"])  # fmt: skip
+                      "hydra/launcher=basic", f"hydra.sweep.dir={out / 'grid'}"])  # fmt: skip
     grid = report.collect([out / "grid"])
     pick = best(out / "grid")
     rows.append({"method": "grid", "seconds": seconds, "runs": len(grid), "lr": float(pick.lr),

@@ -11,7 +11,6 @@ from typing import Any, ClassVar
 
 import torch
 from hydra.core.config_store import ConfigStore
-from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stnbench import data, geometry, mnist, models
@@ -291,9 +290,9 @@ class CheckedSweeperConf:
 
 
 @dataclass
-class LocalLauncherConf(JobLibLauncherConf):
+class LocalLauncherConf:
     """hydra/launcher=stnbench (hydra_plugins.stnbench_launcher.local_launcher), the default:
-    joblib's settings, ``n_jobs`` None for one job per core without a GPU, one with."""
+    ``n_jobs`` jobs at once; null: one per core without a GPU, one with."""
 
     _target_: str = "hydra_plugins.stnbench_launcher.local_launcher.LocalLauncher"
     n_jobs: int | None = None

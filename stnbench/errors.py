@@ -46,6 +46,8 @@ def describe(error: BaseException) -> str:
     in the words of the schema's setting(), else the message folded onto one line."""
     cause = error
     while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        if isinstance(cause, StnbenchError):  # raised by a plugin Hydra instantiated
+            return one_line(cause)
         cause = cause.__cause__
     schema = getattr(cause, "object_type", None)
     if not getattr(cause, "full_key", None) or not is_dataclass(schema):

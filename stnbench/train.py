@@ -584,14 +584,15 @@ def finish(r: Run) -> dict:
 # --- the loop -----------------------------------------------------------------------------------
 
 
-def train(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
-    """Train the configured model; return (and write to out/metrics.json) its metrics."""
+def train(cfg: DictConfig, out: Path, progress: bool = False, stop=None) -> dict:
+    """Train the configured model; return (and write to out/metrics.json) its metrics. ``stop``,
+    asked at every step, ends the run as Ctrl-C does (a sweep's launcher stopping it)."""
     out = Path(out)
     with claimed(out, cfg):
-        return finished(out) or loop(cfg, out, progress)
+        return finished(out) or loop(cfg, out, progress, stop or (lambda: False))
 
 
-def loop(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
+def loop(cfg: DictConfig, out: Path, progress: bool, stop) -> dict:
     """The training loop of a run whose folder this process holds (train's)."""
     dev = device.resolve(cfg.device)
     allocator.keep_freed_memory()
@@ -602,30 +603,25 @@ def loop(cfg: DictConfig, out: Path, progress: bool = False) -> dict:
     stream = batches(cfg, d, r.state.step)
     model.train()
     with logging_redirect_tqdm(), deferred_interrupts() as caught:
-        while r.training and not caught:
+        while r.training and not (caught or stop()):
             x, y = next(stream)
             set_lr(opt, lr_factor(cfg.schedule, r.state.step, cfg.train.steps))
             loss, wrong = train_step(model, opt, x, y, cfg.train.label_smoothing)
             stepped(r, loss, wrong)
-        return interrupted(r) if caught else finish(r)
-
-
-INTERRUPTS: list[int] = []  # signals that reached a sweep's worker outside the loop (cli.train)
+        return interrupted(r) if r.training else finish(r)
 
 
 @contextmanager
 def deferred_interrupts():
     """Ctrl-C and SIGTERM end the loop between two steps, so the checkpoint it then saves resumes
-    exactly (the same signal a second time interrupts at once: a sweep's workers get a terminal's
-    Ctrl-C and the SIGTERM their launcher passes on); yields the signals caught. Main thread
-    only."""
-    caught = list(INTERRUPTS)
+    exactly (a second one interrupts at once); yields the signals caught. Main thread only."""
+    caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield caught
         return
 
     def handler(signum, frame):
-        if signum in caught:
+        if caught:
             raise KeyboardInterrupt
         caught.append(signum)
 

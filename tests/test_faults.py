@@ -111,23 +111,33 @@ def resume_then_stop(bin_dir, out, step, *overrides):
     assert proc.wait(timeout=60) == 130
 
 
-@pytest.mark.parametrize("group", [False, True], ids=["SIGTERM", "terminal Ctrl-C"])
-def test_an_interrupted_sweep_checkpoints_its_running_jobs(mnist_root, bin_dir, tmp_path, group):
+@pytest.mark.parametrize(
+    "sig, group",
+    [(signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGTERM, True)],
+    ids=["SIGTERM", "terminal Ctrl-C", "SIGTERM to the group (Slurm, timeout)"],
+)
+def test_an_interrupted_sweep_checkpoints_its_running_jobs(
+    mnist_root, bin_dir, tmp_path, sig, group
+):
     """4 jobs in 2 workers (the default launcher's, hydra.launcher.n_jobs=2 on any machine):
-    SIGTERM to the command, or Ctrl-C in a terminal (SIGINT to the process group), checkpoints
-    the 2 running jobs, never starts the other 2 and ends in one line, exit status 130."""
+    SIGTERM to the command, Ctrl-C in a terminal (SIGINT to the process group) or SIGTERM to the
+    group checkpoints the 2 running jobs, never starts the other 2 and ends in one line, exit
+    status 130."""
     sweep = tmp_path / "sweep"
     lrs = "optim.lr=0.01,0.02,0.03,0.04"
     args = [str(bin_dir / "stnbench-train"), "-m", *RUN, lrs, "train.steps=1000000000",
             "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"]  # fmt: skip
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    logs = lambda: list(sweep.rglob("train.log"))  # noqa: E731
+
+    def training():
+        return sum("steps to go" in f.read_text() for f in sweep.rglob("train.log"))
+
     try:
-        wait_for(lambda: sum("steps to go" in f.read_text() for f in logs()) == 2)
+        wait_for(lambda: training() == 2)
         if group:
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, sig)
         else:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:  # a sweep that did not stop is not left training
         if proc.poll() is None:

@@ -1,6 +1,6 @@
-"""Sweeps through the CLI (the default launcher, the sequential one and submitit's local executor),
-the experiment configs, and
-stnbench-report's tables checked against the runs' own metrics.json."""
+"""Sweeps through the CLI (the default launcher, Hydra's sequential one and submitit's local
+executor), the experiment configs, and stnbench-report's tables checked against the runs' own
+metrics.json."""
 
 import json
 import math
@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from hydra.core.utils import JobReturn, JobStatus
+from hydra_plugins.stnbench_launcher.local_launcher import default_jobs
 from PIL import Image
 
 from stnbench import report
@@ -183,8 +184,9 @@ def test_the_sequential_launcher_gives_the_same_results(sweep, bin_dir):
     assert f"stnbench-train: {len(one_by_one)} jobs: {len(one_by_one)} ok" in r.stdout
     assert sorted(one_by_one) == sorted(default)
     assert {m["threads"] for m in one_by_one.values()} == {torch.get_num_threads()}
-    if 4 % joblib.cpu_count() == 0:  # the default ran the 4 jobs in full rounds of 1 thread each
-        assert {m["threads"] for m in default.values()} == {1}
+    workers = default_jobs()
+    if workers > 1 and 4 % workers == 0:  # the default ran the 4 jobs in full rounds
+        assert {m["threads"] for m in default.values()} == {joblib.cpu_count() // workers}
     for folder, m in one_by_one.items():  # the CNNs agree; an ST-CNN next to collapse need not
         if folder.startswith("plain_cnn/"):
             assert m["test_error"] == pytest.approx(default[folder]["test_error"], abs=2.0)
@@ -193,59 +195,64 @@ def test_the_sequential_launcher_gives_the_same_results(sweep, bin_dir):
 @pytest.mark.parametrize(
     "jobs, workers, expected",
     [
-        (4, 2, [("joblib", 2, 4)]),
-        (3, 2, [("joblib", 2, 2), ("here", 1, 1)]),  # the last job alone, with every core
-        (7, 4, [("joblib", 4, 4), ("joblib", 3, 3)]),
+        (4, 2, [("side by side", 2, 4)]),
+        (3, 2, [("side by side", 2, 2), ("here", 1, 1)]),  # the last job alone, every core
+        (7, 4, [("side by side", 4, 4), ("side by side", 3, 3)]),
         (1, 2, [("here", 1, 1)]),
         (3, 1, [("here", 1, 3)]),  # a GPU machine: one by one
-        (2, 8, [("joblib", 2, 2)]),
+        (2, 8, [("side by side", 2, 2)]),
     ],
 )
 def test_the_default_launcher_fills_every_core(monkeypatch, jobs, workers, expected):
-    from hydra._internal.core_plugins.basic_launcher import BasicLauncher
-    from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
     from hydra_plugins.stnbench_launcher.local_launcher import LocalLauncher
 
     ran = []
 
-    def joblib_launch(self, overrides, idx):
-        ran.append(("joblib", self.joblib["n_jobs"], len(overrides)))
-        return [JobReturn(status=JobStatus.COMPLETED, _return_value={"status": "ok"})] * len(
-            overrides
-        )
+    def record(how):
+        def launch(self, overrides, first, workers=1):
+            assert first == sum(n for *_, n in ran)  # each job keeps its index in the sweep
+            ran.append((how, workers, len(overrides)))
+            return [f"job {first + i}" for i in range(len(overrides))]
 
-    def basic_launch(self, overrides, idx):
-        ran.append(("here", 1, len(overrides)))
-        cli_train.OUTCOMES["ok"] += len(overrides)  # as job() counts itself
-        return [JobReturn(status=JobStatus.COMPLETED, _return_value={"status": "ok"})] * len(
-            overrides
-        )
+        return launch
 
-    monkeypatch.setattr(JoblibLauncher, "launch", joblib_launch)
-    monkeypatch.setattr(BasicLauncher, "launch", basic_launch)
-    monkeypatch.setattr(cli_train, "OUTCOMES", cli_train.collections.Counter())
-    launcher = LocalLauncher(n_jobs=workers)
-    returns = launcher.launch([[f"seed={i}"] for i in range(jobs)], 0)
-    assert ran == expected and len(returns) == jobs
-    assert cli_train.OUTCOMES == {"ok": jobs}  # each job counted once, wherever it ran
+    monkeypatch.setattr(LocalLauncher, "side_by_side", record("side by side"))
+    monkeypatch.setattr(LocalLauncher, "one_by_one", record("here"))
+    returns = LocalLauncher(n_jobs=workers).launch([[f"seed={i}"] for i in range(jobs)], 0)
+    assert ran == expected and returns == [f"job {i}" for i in range(jobs)]
 
 
 def test_the_default_launcher_runs_one_job_per_core_without_a_gpu(monkeypatch):
-    import joblib
     from hydra_plugins.stnbench_launcher import local_launcher
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(joblib, "cpu_count", lambda: 16)
-    assert local_launcher.default_jobs() == min(16, local_launcher.memory() // 2**31)
-    monkeypatch.setattr(local_launcher, "memory", lambda: 8 * 2**30)
-    assert local_launcher.default_jobs() == 4  # 2 GiB a worker
+    for gib, jobs in [(64, 16), (8, 4), (1, 1)]:  # 2 GiB a worker
+        monkeypatch.setattr(local_launcher, "memory", lambda gib=gib: gib * 2**30)
+        assert local_launcher.default_jobs() == jobs
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert local_launcher.default_jobs() == 1  # a GPU holds one run at a time
+
+
+def test_jobs_that_ran_elsewhere_are_counted_from_what_they_returned(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "collapsed"}))
+    where = OmegaConf.create({"hydra": {"runtime": {"output_dir": str(tmp_path)}}})
+    returns = [
+        JobReturn(status=JobStatus.COMPLETED, _return_value={"status": "ok"}),
+        JobReturn(status=JobStatus.COMPLETED, _return_value=None),  # refused
+        JobReturn(status=JobStatus.COMPLETED, _return_value=90.0, hydra_cfg=where),  # a trial
+    ]
+    monkeypatch.setattr(cli_train, "OUTCOMES", cli_train.collections.Counter())
+    cli_train.count_returns(returns)
+    assert cli_train.OUTCOMES == {"ok": 1, "skipped": 1, "collapsed": 1}
 
 
 def test_a_crashing_job_is_recorded_and_the_sweep_goes_on(mnist_root, tmp_path, monkeypatch):
     import stnbench.train
 
-    def fake_train(cfg, out, progress=False):
+    def fake_train(cfg, out, progress=False, stop=None):
         if cfg.optim.lr == 0.2:
             raise RuntimeError("CUDA out of memory (a stand-in)")
         return {"status": "diverged" if cfg.optim.lr == 0.3 else "ok", "test_error": None}
@@ -259,7 +266,7 @@ def test_a_crashing_job_is_recorded_and_the_sweep_goes_on(mnist_root, tmp_path, 
         *TINY,
         f"hydra.sweep.dir={tmp_path}",
         "hydra/launcher=basic",
-    ]  # fmt: skip  (in this process, where the fake is)
+    ]  # fmt: skip  (in this process, where the fake train is)
     monkeypatch.setattr(sys, "argv", argv)
     assert cli_train.main() == 1  # a failed job makes the exit status non-zero
     assert cli_train.OUTCOMES == {"ok": 1, "failed": 1, "diverged": 1}

@@ -462,6 +462,7 @@ BAD = [
         "model.transformers must be left unset: model=cnn has no transformer; got 2",
     ),
     (["data=addition", "data.recipe.canvas=20"], "data.recipe.canvas must be an integer >= 28"),
+    (["-m", "hydra.launcher.n_jobs=0"], "hydra.launcher.n_jobs must be an integer >= 1 or null"),
 ]
 
 

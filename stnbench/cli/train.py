@@ -11,6 +11,7 @@ the run's train.log; Ctrl-C or SIGTERM saves the checkpoint and exits with 130.
 """
 
 import collections
+import json
 import logging
 import os
 import signal
@@ -43,25 +44,21 @@ def app(cfg: DictConfig) -> dict | float | None:
 
 
 def job(cfg: DictConfig) -> dict | None:
-    from hydra_plugins.stnbench_launcher.local_launcher import in_worker
+    from hydra_plugins.stnbench_launcher import local_launcher as launcher
 
-    from stnbench.train import INTERRUPTS, record_failure, train
+    from stnbench.train import record_failure, train
 
-    if worker := in_worker():  # Ctrl-C and SIGTERM wait for the training loop to see them
-        if INTERRUPTS:  # the sweep is stopping: this job is not started
-            return None
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, lambda signum, frame: INTERRUPTS.append(signum))
+    if launcher.stop_requested():  # a worker of a sweep that was stopped: not started
+        return None
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
     progress = cfg.train.progress
     progress = (sys.stderr.isatty() and not sweep) if progress == "auto" else progress
     out = Path(hc.runtime.output_dir)
     try:
-        metrics = train(cfg, out, progress)
-    except KeyboardInterrupt:  # the run saved its checkpoint (in its loop) or had none to save
-        if worker:  # no other job starts here; the launcher ends the sweep when all returned
-            INTERRUPTS.append(signal.SIGTERM)
+        metrics = train(cfg, out, progress, launcher.stop_requested)
+    except KeyboardInterrupt:  # it saved its checkpoint; a worker's launcher ends the sweep
+        if launcher.STOP is not None:
             return None
         raise
     except StnbenchError as e:  # refused: bad input, a folder in use or of another run
@@ -84,13 +81,16 @@ def job(cfg: DictConfig) -> dict | None:
     return metrics
 
 
-def count_returns(returns: list[JobReturn]) -> list[JobReturn]:
+def count_returns(returns: list[JobReturn]) -> None:
     """Counts into OUTCOMES how jobs that ran in other processes (joblib's, submitit's) ended,
-    from what they returned: a job returns its metrics, or nothing when it was refused."""
+    from what they returned: a job returns its metrics, nothing when it was refused, and in a
+    search the number the study minimises (then its metrics.json says how it ended)."""
     for r in returns:
         value = r.return_value if r.status == JobStatus.COMPLETED else None
+        if isinstance(value, float):
+            found = Path(r.hydra_cfg.hydra.runtime.output_dir) / "metrics.json"
+            value = json.loads(found.read_text()) if found.exists() else None
         OUTCOMES[value["status"] if isinstance(value, dict) else "skipped"] += 1
-    return returns
 
 
 def ended(code: int, in_sweep: str, sweep: bool, alone: str, status="skipped") -> None:
@@ -120,7 +120,7 @@ def interrupt(signum, frame):
 
 class Checks(Callback):
     """A single run's settings checked before its folder is made; after a sweep, how its jobs
-    ended (when they ran in this process), where to point TensorBoard and how to make the table
+    ended, where to point TensorBoard and how to make the table
     (each job prints only to its log). ``prog`` names the command in its messages."""
 
     def __init__(self, prog: str = PROG):

@@ -1,21 +1,32 @@
 """hydra/launcher=stnbench, stnbench-train's default. Without a GPU, a sweep's jobs run side by
 side in joblib's worker processes, one per core (``n_jobs``; fewer where memory would not hold
-them at 2 GiB each), each limited by loky to cores // workers threads. The jobs left over when
-their count is not a multiple of the workers run in fewer workers with more threads each, a last
-single one in this process with every core, so that a sweep's tail does not run on one thread.
-With a GPU, ``n_jobs`` is 1: Hydra's sequential launcher. Ctrl-C or SIGTERM stops the sweep as it
-stops one run: every running job saves its checkpoint, and rerunning the command resumes them.
-Measured against the sequential launcher in docs/sweeps.md. Its config node is
-stnbench.config.LocalLauncherConf."""
+them at 2 GiB each), each with cores // workers threads. The jobs left over when their count is
+not a multiple of the workers run next, in fewer workers with more threads each, a single one in
+this process with every core, so that a sweep's tail does not run on one thread (it waits for the
+full rounds to end, which costs time when the jobs differ much in length). With a GPU, or one
+job, one after another in this process, as Hydra's sequential launcher.
 
+Ctrl-C or SIGTERM stops the sweep as it stops one run: the command marks the sweep stopped (a
+file the workers see), every running job saves its checkpoint at its next step and returns, no
+other starts, and rerunning the command resumes them. The workers ignore the signals themselves
+outside a training loop, so a terminal's Ctrl-C, which reaches them too, cannot kill one while
+it starts or evaluates (joblib would then kill the others mid-step). Measured against the
+sequential launcher in docs/sweeps.md. Its config node is stnbench.config.LocalLauncherConf."""
+
+import logging
 import os
 import signal
+import tempfile
+from pathlib import Path
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
-from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+from hydra.core.singleton import Singleton
+from hydra.core.utils import configure_log, setup_globals
+from hydra.plugins.launcher import Launcher
 
-SWEEP_PID = "STNBENCH_SWEEP_PID"  # set for the workers: the process that launched them
-WORKER_MEMORY = 2 * 2**30  # a worker's resident memory, at most (1.5 GiB measured on R)
+log = logging.getLogger(__name__)
+WORKER_MEMORY = 2 * 2**30  # a worker's resident memory, at most (1.5 GiB measured, data=r)
+STOP: Path | None = None  # in a worker: the file whose existence stops the sweep
 
 
 def default_jobs() -> int:
@@ -30,75 +41,114 @@ def default_jobs() -> int:
 
 
 def memory() -> int:
-    """The machine's memory in bytes."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """The memory this process may use in bytes: the machine's, or its cgroup's limit."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = Path("/sys/fs/cgroup/memory.max")
+    text = limit.read_text().strip() if limit.exists() else "max"
+    return min(total, int(text)) if text.isdigit() else total
 
 
-def in_worker() -> bool:
-    """Whether this process is one of this launcher's workers."""
-    return os.environ.get(SWEEP_PID, str(os.getpid())) != str(os.getpid())
+def worker_start(stop_file: str) -> None:
+    """Each worker, once: where the stop mark will be; signals wait for a training loop."""
+    global STOP
+    STOP = Path(stop_file)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
-def workers() -> list:
-    """The processes of joblib's running loky executor (a private attribute: joblib offers no
-    public way to signal its workers)."""
-    from joblib.externals.loky import reusable_executor
-
-    executor = reusable_executor._executor
-    return list(executor._processes.values()) if executor is not None else []
+def stop_requested() -> bool:
+    """Whether this process is a worker of a sweep that was stopped."""
+    return STOP is not None and STOP.exists()
 
 
-class LocalLauncher(JoblibLauncher):
-    def __init__(self, n_jobs: int | None = None, **joblib) -> None:
-        super().__init__(**joblib)
+class LocalLauncher(Launcher):
+    def __init__(self, n_jobs: int | None = None) -> None:
+        from stnbench.errors import StnbenchError
+
+        if n_jobs is not None and n_jobs < 1:
+            expected = "an integer >= 1 or null"
+            raise StnbenchError(f"hydra.launcher.n_jobs must be {expected}; got {n_jobs}")
         self.n_jobs = n_jobs
 
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+
     def launch(self, job_overrides, initial_job_idx):
-        n, most = len(job_overrides), self.n_jobs or default_jobs()
-        full = n - n % most if most > 1 else 0  # rounds that fill every worker
-        returns = []
-        for start, stop in ((0, full), (full, n)):
-            jobs, first = job_overrides[start:stop], initial_job_idx + start
-            if len(jobs) == 1 or (jobs and most == 1):
-                sequential = BasicLauncher()
-                sequential.setup(hydra_context=self.hydra_context,
-                                 task_function=self.task_function, config=self.config)  # fmt: skip
-                returns += sequential.launch(jobs, first)  # its jobs count themselves
-            elif jobs:
-                self.joblib["n_jobs"] = min(most, len(jobs))
-                returns += self.side_by_side(jobs, first)
+        jobs, first = list(job_overrides), initial_job_idx
+        workers = self.n_jobs or default_jobs()
+        if workers == 1 or len(jobs) == 1:
+            return self.one_by_one(jobs, first)
+        full = len(jobs) - len(jobs) % workers  # rounds that fill every worker
+        returns = self.side_by_side(jobs[:full], first, workers) if full else []
+        tail = jobs[full:]
+        if len(tail) == 1:
+            returns += self.one_by_one(tail, first + full)
+        elif tail:
+            returns += self.side_by_side(tail, first + full, len(tail))
         return returns
 
-    def side_by_side(self, jobs, first):
-        """The jobs in joblib's workers. A first Ctrl-C or SIGTERM goes on to every worker (a
-        terminal's Ctrl-C reaches them too; a run takes the two as one): each running job saves
-        its checkpoint and returns, jobs not started yet are not, and the sweep ends; a second one
-        ends it at once."""
+    def one_by_one(self, jobs, first):
+        """Hydra's sequential launcher, in this process; its jobs count themselves."""
+        sequential = BasicLauncher()
+        sequential.setup(hydra_context=self.hydra_context, task_function=self.task_function,
+                         config=self.config)  # fmt: skip
+        return sequential.launch(jobs, first)
+
+    def side_by_side(self, jobs, first, workers):
+        """The jobs in ``workers`` loky processes of cores // workers threads each. A first
+        Ctrl-C or SIGTERM marks the sweep stopped and the sweep ends when the running jobs have
+        saved their checkpoints; a second one ends it at once (joblib kills the workers)."""
+        import joblib
+        from hydra_plugins.hydra_joblib_launcher._core import execute_job
+
         from stnbench.cli.train import count_returns
         from stnbench.errors import Interrupted
+
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        threads = max(1, joblib.cpu_count() // workers)
+        log.info(f"Launching {len(jobs)} jobs, {workers} at once, {threads} threads each")
+        stop_file = Path(tempfile.gettempdir()) / f"stnbench-sweep-{os.getpid()}.stop"
+        stop_file.unlink(missing_ok=True)
+        stopping, error = [], None
 
         def stop(signum, frame):
             if stopping:
                 raise KeyboardInterrupt
             stopping.append(signum)
-            for p in workers():
-                if p.is_alive():
-                    os.kill(p.pid, signal.SIGTERM)
+            stop_file.touch()
 
-        stopping = []
-        os.environ[SWEEP_PID] = str(os.getpid())
         before = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        state = Singleton.get_state()
+        config = {"inner_max_num_threads": threads, "idle_worker_timeout": 10}
         try:
-            returns = count_returns(super().launch(jobs, first))
-        except BaseException:
+            with joblib.parallel_config("loky", initializer=worker_start,
+                                        initargs=(str(stop_file),), **config):  # fmt: skip
+                returns = joblib.Parallel(n_jobs=workers)(
+                    joblib.delayed(execute_job)(first + i, overrides, self.hydra_context,
+                                                self.config, self.task_function, state)
+                    for i, overrides in enumerate(jobs)
+                )  # fmt: skip
+        except BaseException as e:
             if not stopping:
                 raise
+            error = e
         finally:
             for s, h in before.items():
                 signal.signal(s, h)
+            stop_file.unlink(missing_ok=True)
+        if len(stopping) > 1:
+            raise Interrupted(
+                "sweep stopped at once; its running jobs resume from their last checkpoint "
+                "(saved at every validation): rerun the same command"
+            ) from error
+        if error is not None and not isinstance(error, KeyboardInterrupt):
+            raise error
         if stopping:
             raise Interrupted(
                 "sweep interrupted; its running jobs saved their checkpoints (each job's line "
                 "above says at which step): rerun the same command to resume"
             )
+        count_returns(returns)
         return returns
