@@ -6,8 +6,10 @@ its partner, so the share of its output's ink that comes from channel 0 says whi
 at. One that attends to the first digit zooms onto it and keeps most of its ink (share near 1);
 one that sees both keeps about the input's own share (near 0.5).
 
-Writes a CSV (per run and transformer: the mean share over the test set, and the fraction of
-test images where channel 0 gives most of the ink) and a PNG of 8 test images: the input, then
+Writes a CSV (per run and transformer: the mean share over the test set, the fraction of test
+images where channel 0 gives most of the ink, and the ink kept: the output's mean intensity over
+the input's, near 0 for a transformer that looks at empty canvas, whose share then means
+nothing) and a PNG of 8 test images: the input, then
 each transformer's output (channel 0 green, channel 1 blue).
 
     python scripts/addition_attention.py outputs/paper_addition_cpu
@@ -67,7 +69,8 @@ def main() -> None:
             share = ink_share(out)
             records.append({"row": r.row, "seed": r.seed, "test_error": r.test_error,
                             "transformer": i, "share_channel0": share.mean().item(),
-                            "mostly_channel0": (share > 0.5).float().mean().item()})  # fmt: skip
+                            "mostly_channel0": (share > 0.5).float().mean().item(),
+                            "ink_kept": (out.mean() / x.mean()).item()})  # fmt: skip
         if r.seed == args.seed:
             shown.append((f"{r.row}, seed {r.seed}, step {step}", [x[:8], *(o[:8] for o in outs)]))
     table = pd.DataFrame(records)

@@ -398,6 +398,7 @@ def test_transformers_side_by_side_each_get_their_diagnostics(mnist_root, tmp_pa
     assert list(shares.transformer.fillna(0)) == [0, 1, 2]  # the input, then each transformer
     assert shares.share_channel0.between(0, 1).all() and png.stat().st_size > 10_000
     assert abs(shares.share_channel0[0] - 0.5) < 0.05  # two digits' ink, about evenly
+    assert shares.ink_kept[1:].between(0.5, 1.5).all()  # 20 steps from the identity: all the ink
     assert m["status"] == "ok" and m["transformers"] == 2 and m["transformer_dead"] is False
     (events_file,) = tmp_path.rglob("events.out.tfevents.*")
     events = EventAccumulator(str(events_file), size_guidance={"images": 0, "histograms": 0})
