@@ -44,10 +44,6 @@ class Data(Checked):
         data.recipe(self.name)
         mnist.data_root(self.root)
 
-    @property
-    def shape(self) -> data.Shape:
-        return data.shape(self.recipe)
-
 
 @dataclass
 class Model(Checked):
@@ -152,7 +148,7 @@ class TrainJob(Checked):
         super().__post_init__()
         resolve_device(self.device)
         n = self.data.train_size or data.TRAIN_SIZE
-        channels, canvas, classes = self.data.shape
+        channels, canvas, classes = data.shape(self.data.recipe)
         out_size = self.model.out_size
         if out_size is not None and out_size > canvas:
             raise StnbenchError(
@@ -270,11 +266,8 @@ def recorded(cfg: dict) -> dict:
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
     out = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(TrainJob), cfg))
     for key in NO_EFFECT:
-        *parents, last = key.split(".")
-        node = out
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(last, None)
+        parent, _, last = key.rpartition(".")  # one level deep at most
+        (out[parent] if parent else out).pop(last, None)
     if not models.is_st(out["model"]["name"]):
         out.pop("transform", None)
     return out

@@ -38,13 +38,8 @@ def events(folder: str | Path) -> pd.DataFrame:
     else:  # runs written before time/seconds was logged
         start = min(acc.Scalars(tag)[0].wall_time for tag in tags)
         seconds = {e.step: e.wall_time - start for e in val}
-    return pd.DataFrame(
-        {
-            "step": [e.step for e in val],
-            "val_error": [e.value for e in val],
-            "seconds": [seconds.get(e.step) for e in val],
-        }
-    )
+    rows = [(e.step, e.value, seconds.get(e.step)) for e in val]
+    return pd.DataFrame(rows, columns=["step", "val_error", "seconds"])
 
 
 def read(runs: pd.DataFrame) -> pd.DataFrame:

@@ -78,11 +78,8 @@ def mnist_split(split: str, root: str | os.PathLike | None = None) -> tuple[Tens
     """Undistorted MNIST split: uint8 images (N, 28, 28) and int64 labels (N,)."""
     _check_split(split)
     images, labels = mnist.read("test" if split == "test" else "train", root)
-    if split == "train":
-        return images[:TRAIN_SIZE], labels[:TRAIN_SIZE]
-    if split == "val":
-        return images[TRAIN_SIZE:], labels[TRAIN_SIZE:]
-    return images, labels
+    part = {"train": slice(TRAIN_SIZE), "val": slice(TRAIN_SIZE, None), "test": slice(None)}[split]
+    return images[part], labels[part]
 
 
 def _digits(split: str, root) -> tuple[Tensor, Tensor]:

@@ -264,14 +264,19 @@ def homography(src: Tensor, dst: Tensor) -> Tensor:
     return torch.linalg.solve(a, torch.cat([u, v], dim=1))  # (B, 8)
 
 
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise StnbenchError(f"unknown sampling mode {mode!r}; expected one of {', '.join(MODES)}")
+    return mode
+
+
 def sample(images: Tensor, grid: Tensor, mode: str = "bilinear") -> Tensor:
     """Sample images (B, C, H_in, W_in) at a grid (B, H, W, 2) -> (B, C, H, W).
 
     Outside the input reads as zero. ``mode`` is "bilinear" (the paper's kernel) or "nearest"
     (the paper's integer sampling kernel).
     """
-    if mode not in MODES:
-        raise StnbenchError(f"unknown sampling mode {mode!r}; expected one of {', '.join(MODES)}")
+    mode = check_mode(mode)
     return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 

@@ -105,7 +105,8 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         tmp.write_bytes(header + array.tobytes())
 
 
-def _verified(path: Path) -> np.ndarray:
+@lru_cache(maxsize=8)  # keyed on mtime and size: a replaced file is read again
+def _read_cached(path: Path, mtime_ns: int, size: int) -> np.ndarray:
     array = read_idx(path)
     shape, sha = FILES[path.name]
     if array.shape != shape:
@@ -115,17 +116,12 @@ def _verified(path: Path) -> np.ndarray:
     return array
 
 
-@lru_cache(maxsize=8)
-def _read_cached(path: str, mtime_ns: int, size: int) -> np.ndarray:
-    return _verified(Path(path))  # keyed on mtime and size: a replaced file is read again
-
-
 def _read(path: Path) -> np.ndarray:
     try:
         st = path.stat()
     except FileNotFoundError:
         raise StnbenchError(f"{path} is missing; {REFETCH}") from None
-    return _read_cached(str(path), st.st_mtime_ns, st.st_size)
+    return _read_cached(path, st.st_mtime_ns, st.st_size)
 
 
 def _is_good(path: Path) -> bool:

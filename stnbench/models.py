@@ -94,20 +94,10 @@ class _InputGradByMatmul(torch.autograd.Function):
         b, c, h, w_out = g.shape
         cols = w.reshape(c, -1).t() @ g.reshape(b, c, h * w_out)  # (B, C_in k k, h w)
         gx = F.fold(cols, x.shape[-2:], w.shape[-2:], padding=ctx.padding)
-        p = [ctx.padding] * 2
-        _, gw, gb = torch.ops.aten.convolution_backward(
-            g,
-            x,
-            w,
-            [c] if ctx.has_bias else None,
-            [1, 1],
-            p,
-            [1, 1],
-            False,
-            [0, 0],
-            1,
-            [False, True, ctx.has_bias],
-        )  # oneDNN's own kernels for the weights and the bias
+        bias, p = [c] if ctx.has_bias else None, [ctx.padding] * 2
+        _, gw, gb = torch.ops.aten.convolution_backward(  # oneDNN's own, for weights and bias
+            g, x, w, bias, [1, 1], p, [1, 1], False, [0, 0], 1, [False, True, ctx.has_bias]
+        )  # fmt: skip
         return gx, gw, gb, None
 
 
@@ -222,14 +212,13 @@ def build(
 ) -> nn.Module:
     """A classifier for (B, channels, input_size, input_size) images -> logits (B, num_classes).
 
-    ``model`` is fcn, cnn, st_fcn or st_cnn; ``transform`` the ST models' geometry kind (affine,
-    attention, projective, tps; ignored by fcn and cnn). Options: ``budget`` (learnable
-    parameters to match, default 400k); for ST models ``out_size`` (transformer output side,
-    default the input's), ``pool`` (2x average pooling after the transformer; default on for
-    inputs of 42 and more, as the paper does for RTS and TC), ``mode`` (bilinear or nearest),
-    ``residual`` and ``tanh`` (see SpatialTransformer), ``transformers`` (how many side by side,
-    default 1; the paper's 2xST-FCN for MNIST addition has 2), ``multi`` (ST-CNN only: another
-    transformer of the same kind warps the feature maps before the second convolution).
+    ``model`` is a key of MODELS; ``transform`` the ST models' kind (a key of geometry.KINDS;
+    ignored by fcn and cnn). ``options`` are conf/model's: ``budget`` (learnable parameters to
+    match, default 400k); for ST models ``transformers`` (how many side by side), ``multi``
+    (ST-CNN: a transformer of the same kind on the feature maps too), ``out_size`` (default the
+    input's), ``pool`` (2x average pooling after the transformers; default on for inputs of 42
+    and more, as the paper does for RTS and TC), and ``mode``, ``residual``, ``tanh``
+    (SpatialTransformer's).
     """
     if model not in MODELS:
         raise StnbenchError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")

@@ -145,11 +145,10 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
             f"that stnbench-train writes){'; ' + unreadable[0] if unreadable else ''}"
         )
     runs = pd.DataFrame(list(records.values()))
+    optional = ("transform", "residual", "tanh", "loc_lr_mult", "test_error", "val_error",
+                "transformer_dead", "searched", "transformers", "multi")  # fmt: skip
+    runs = runs.assign(**{k: None for k in optional if k not in runs})
     runs.attrs["unreadable"] = unreadable  # warnings() names them
-    for key in ("transform", "residual", "tanh", "loc_lr_mult", "test_error", "val_error",
-                "transformer_dead", "searched", "transformers", "multi"):  # fmt: skip
-        if key not in runs:
-            runs[key] = None
     loc = runs.loc_lr_mult.astype(float).fillna(1.0)  # not recorded: written before it was 1
     # a multiplier marks a row only where it tells the model's runs apart (one protocol's
     # multiplier is a training setting like its lr); a search's trials each have their own
@@ -258,8 +257,8 @@ def warnings(runs: pd.DataFrame) -> list[str]:
 # --- rendering ----------------------------------------------------------------------------------
 
 
-def _fmt(x: float, digits=2) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+def _fmt(x, digits=2) -> str:
+    return "" if x is None or pd.isna(x) else f"{x:.{digits}f}"
 
 
 def _flags(cell) -> str:
@@ -271,43 +270,21 @@ def _ours(cell, pm="±") -> str:
     if cell.n == 0 and not any(cell[s] for s in STATUSES[1:]):
         return "missing"
     text = "no ok run" if cell.n == 0 else _fmt(cell["mean"])
-    if cell.n > 1:
-        text += f" {pm} {_fmt(cell['std'])}"
-    if cell.n:
-        text += f" ({int(cell.n)})"
-    if flags := _flags(cell):
-        text += f" [{flags}]"
-    return text
-
-
-def _lr_note(cell) -> str:
-    return f" @ lr {cell.lr:g}" if cell.lrs > 1 else ""
+    text += f" {pm} {_fmt(cell['std'])}" if cell.n > 1 else ""
+    text += f" ({int(cell.n)})" if cell.n else ""
+    return text + (f" [{flags}]" if (flags := _flags(cell)) else "")
 
 
 def wide(table: pd.DataFrame) -> pd.DataFrame:
-    """The table in the paper's layout: a row per model, five columns per distortion."""
-    rows, cols = list(dict.fromkeys(table.row)), list(dict.fromkeys(table["data"]))
-    out = pd.DataFrame(index=pd.Index(rows, name="model"))
-    for data in cols:
-        part = table[table["data"] == data].set_index("row")
-        name = COLUMNS.get(data, data)
-        out[name] = part["mean"].round(3)
-        out[f"{name} std"] = part["std"].round(3)
-        out[f"{name} n"] = part["n"].astype(int)
-        out[f"{name} paper"] = part["paper"]
-        out[f"{name} budget"] = part["budget"]
-        out[f"{name} diff"] = part["diff"].round(3)
-        out[f"{name} lr"] = part["lr"]
-        out[f"{name} not ok"] = [_flags(c) for _, c in part.iterrows()]
+    """The table in the paper's layout: a row per model, eight columns per distortion."""
+    out = pd.DataFrame(index=pd.Index(list(dict.fromkeys(table.row)), name="model"))
+    for data in dict.fromkeys(table["data"]):
+        part, name = table[table["data"] == data].set_index("row"), COLUMNS.get(data, data)
+        shown = {"": part["mean"].round(3), " std": part["std"].round(3), " n": part.n.astype(int),
+                 " paper": part.paper, " budget": part.budget, " diff": part["diff"].round(3),
+                 " lr": part.lr, " not ok": part.apply(_flags, axis=1)}  # fmt: skip
+        out = out.assign(**{name + suffix: values for suffix, values in shown.items()})
     return out
-
-
-def _cell(table: pd.DataFrame, row: str, data: str):
-    return table[(table.row == row) & (table["data"] == data)].iloc[0]
-
-
-def _diff(cell, fmt="{:+.2f}") -> str:
-    return "" if math.isnan(cell["diff"]) else fmt.format(cell["diff"])
 
 
 def _shown(table: pd.DataFrame, pm="±", diff="{:+.2f}") -> pd.DataFrame:
@@ -316,12 +293,11 @@ def _shown(table: pd.DataFrame, pm="±", diff="{:+.2f}") -> pd.DataFrame:
     for _, c in table.iterrows():
         name = COLUMNS.get(c["data"], c["data"])
         paper = _fmt(c.paper, 1)
-        if paper and c.budget:
-            paper += f" (ours: {c.budget})"
+        paper += f" (ours: {c.budget})" if paper and c.budget else ""
         shown = {
-            "ours": _ours(c, pm) + _lr_note(c),
+            "ours": _ours(c, pm) + (f" @ lr {c.lr:g}" if c.lrs > 1 else ""),
             "paper": paper,
-            "diff": _diff(c, diff),
+            "diff": "" if pd.isna(c["diff"]) else diff.format(c["diff"]),
         }
         text.setdefault(c.row, {}).update({(name, k): v for k, v in shown.items()})
     return pd.DataFrame.from_dict(text, orient="index")
@@ -362,19 +338,16 @@ def latex(table: pd.DataFrame) -> str:
 def lr_markdown(per_lr: pd.DataFrame, table: pd.DataFrame) -> str:
     """One table per distortion: a row per model, a column per learning rate; * marks the lr the
     main table uses (lowest mean validation error)."""
-    rows, cols = list(dict.fromkeys(table.row)), list(dict.fromkeys(table["data"]))
     parts = []
-    for data in cols:
+    for data in dict.fromkeys(table["data"]):
         sub = per_lr[per_lr["data"] == data]
-        lrs = sorted(sub.lr.unique())
         records = []
-        for row in rows:
-            chosen = _cell(table, row, data).lr
-            record = {"model": row}
-            for lr in lrs:
-                hit = sub[(sub.row == row) & (sub.lr == lr)]
+        for _, cell in table[table["data"] == data].iterrows():
+            record = {"model": cell.row}
+            for lr in sorted(sub.lr.unique()):
+                hit = sub[(sub.row == cell.row) & (sub.lr == lr)]
                 text = "" if hit.empty else _ours(hit.iloc[0])
-                record[f"lr {lr:g}"] = text + (" *" if lr == chosen and text else "")
+                record[f"lr {lr:g}"] = text + (" *" if lr == cell.lr and text else "")
             records.append(record)
         title = (
             f"{COLUMNS.get(data, data)}: test error (%), mean ± std (n) of the runs that ended ok"
@@ -396,34 +369,19 @@ def lr_plot(runs: pd.DataFrame, per_lr: pd.DataFrame, path: Path) -> None:
     )
     for ax, data in zip(axes[0], cols, strict=True):
         for i, row in enumerate(rows):
-            color = f"C{i % 10}"
             line = per_lr[(per_lr["data"] == data) & (per_lr.row == row)].sort_values("lr")
             if line.empty:
                 continue
             ok = line[line.n > 0]
-            ax.errorbar(
-                ok.lr,
-                ok["mean"],
-                yerr=ok["std"].fillna(0),
-                color=color,
-                marker="o",
-                capsize=3,
-                label=row,
-            )
-            bad = runs[
-                (runs["data"] == data)
-                & (runs.row == row)
-                & runs.status.isin(["collapsed", "diverged"])
-            ]
+            ax.errorbar(ok.lr, ok["mean"], ok["std"].fillna(0), color=f"C{i % 10}", marker="o",
+                        capsize=3, label=row)  # fmt: skip
+            bad = runs[(runs["data"] == data) & (runs.row == row)]
+            bad = bad[bad.status.isin(["collapsed", "diverged"])]
             y = bad.test_error.astype(float).fillna(100.0)  # a diverged run has no test error
-            ax.scatter(bad.lr, y, marker="x", color=color, zorder=3)
-        ax.set(
-            xscale="log",
-            yscale="log",
-            xlabel="learning rate",
-            ylabel="test error (%)",
-            title=f"{COLUMNS.get(data, data)} (x: collapsed or diverged runs)",
-        )
+            ax.scatter(bad.lr, y, marker="x", color=f"C{i % 10}", zorder=3)
+        title = f"{COLUMNS.get(data, data)} (x: collapsed or diverged runs)"
+        ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="test error (%)",
+               title=title)  # fmt: skip
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     with atomic_path(path) as tmp:
@@ -434,39 +392,27 @@ def lr_plot(runs: pd.DataFrame, per_lr: pd.DataFrame, path: Path) -> None:
 # --- the files ----------------------------------------------------------------------------------
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def _write_csv(path: Path, frame: pd.DataFrame, index: bool) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=index)
-
-
 def write(runs: pd.DataFrame, out: str | Path) -> list[Path]:
     """Write the table (csv, md, tex), every run (runs.csv), the learning curves where runs
     logged validations (stnbench.curves) and, where learning rates differ, the per-lr table and
     plot; return the paths written."""
-    out = Path(out)
-    per_lr = by_lr(runs)
+    out, per_lr = Path(out), by_lr(runs)
     table = cells(runs, per_lr)
-    files = {
-        "table.csv": lambda p: _write_csv(p, wide(table), index=True),
-        "table.md": lambda p: _write_text(p, markdown(table)),
-        "table.tex": lambda p: _write_text(p, latex(table)),
-        "runs.csv": lambda p: _write_csv(p, runs, index=False),
-    }
+    files = {"table.csv": wide(table).reset_index(), "table.md": markdown(table),
+             "table.tex": latex(table), "runs.csv": runs}  # fmt: skip
+    plots = {}
     if not (frame := curves.read(runs)).empty:
-        files["curves.csv"] = lambda p: _write_csv(p, frame, index=False)
-        files["curves.png"] = lambda p: curves.plot(frame, p)
+        files["curves.csv"], plots["curves.png"] = frame, lambda p: curves.plot(frame, p)
     if runs.lr.nunique() > 1:
-        lr_csv = per_lr.rename(columns={"score": "val_score"})
-        files["table_lr.csv"] = lambda p: _write_csv(p, lr_csv, index=False)
-        files["table_lr.md"] = lambda p: _write_text(p, lr_markdown(per_lr, table))
-        files["lr.png"] = lambda p: lr_plot(runs, per_lr, p)
-    written = []
-    for name, write_one in files.items():
-        write_one(out / name)
-        written.append(out / name)
-    return written
+        files["table_lr.csv"] = per_lr.rename(columns={"score": "val_score"})
+        files["table_lr.md"] = lr_markdown(per_lr, table)
+        plots["lr.png"] = lambda p: lr_plot(runs, per_lr, p)
+    for name, content in files.items():
+        with atomic_path(out / name) as tmp:
+            if isinstance(content, str):
+                tmp.write_text(content)
+            else:
+                content.to_csv(tmp, index=False)
+    for name, plot in plots.items():
+        plot(out / name)
+    return [out / name for name in [*files, *plots]]

@@ -35,7 +35,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from stnbench import allocator, data, device, geometry, models, tblog
 from stnbench.config import recipe_of, recorded
-from stnbench.distortions import Recipe
 from stnbench.errors import Fault, Interrupted, StnbenchError, describe, one_line
 from stnbench.files import atomic_path
 from stnbench.optim import lr_factor, make_optimizer, set_lr
@@ -101,10 +100,6 @@ def settings(cfg: DictConfig) -> dict:
     }
 
 
-def write_metrics(out: Path, metrics: dict) -> dict:
-    return write_json(Path(out) / "metrics.json", metrics)
-
-
 def record_failure(cfg: DictConfig, out: Path, error: BaseException) -> dict:
     """Write metrics.json with status "failed" for a run that raised (if the disk lets us);
     rerunning retries it."""
@@ -112,7 +107,7 @@ def record_failure(cfg: DictConfig, out: Path, error: BaseException) -> dict:
     metrics = {"status": "failed", "reason": reason, "test_error": None, "val_error": None,
                **settings(cfg)}  # fmt: skip
     try:
-        return write_metrics(out, metrics)
+        return write_json(out / "metrics.json", metrics)
     except OSError as e:  # the fault itself may be a full or read-only disk
         log.warning("%s: could not record the failure in metrics.json: %s", out, e)
         return metrics
@@ -213,20 +208,14 @@ def batches(cfg: DictConfig, d: Splits, start: int):
         epoch = step // per_epoch
         order = torch.randperm(n, generator=torch.Generator().manual_seed(
             cfg.seed * 1_000_003 + epoch)).to(dev)  # fmt: skip
-        x, y = (  # a fresh draw's labels too: addition draws new partners each epoch
-            fresh_draw(c.name, epoch, c.root, c.seed, dev, recipe_of(cfg))
-            if c.fresh
-            else (d.x_train, d.y_train)
-        )
+        x, y = d.x_train, d.y_train
+        if c.fresh:  # a fresh draw's labels too: addition draws new partners each epoch
+            x, y = data.fresh(c.name, "train", epoch, c.root, c.seed, dev, recipe_of(cfg))
+            x, y = x.to(dev), y.to(dev)
         for j in range(step % per_epoch, per_epoch):
             idx = order[j * b : (j + 1) * b]
             yield x[idx], y[idx]
         step = (epoch + 1) * per_epoch
-
-
-def fresh_draw(name: str, epoch: int, root, seed: int, dev, rec: Recipe | None):
-    x, y = data.fresh(name, "train", epoch, root, seed, dev, rec)
-    return x.to(dev), y.to(dev)
 
 
 def build_model(cfg: DictConfig, dev: torch.device) -> nn.Module:
@@ -471,14 +460,8 @@ def diagnose(t, x: Tensor, batch: int, writer, step: int, tag: str = "") -> tupl
 def validate(r: Run) -> None:
     """Validation error (and, for ST models, the transformer's diagnostics) to TensorBoard and
     the log; the best model, divergence and collapse into the state."""
-    model, d, t, state, writer, step = (
-        r.evaluated,
-        r.d,
-        r.cfg.train,
-        r.state,
-        r.writer,
-        r.state.step,
-    )
+    model, d, t, state, writer = r.evaluated, r.d, r.cfg.train, r.state, r.writer
+    step = state.step
     model.eval()
     loss, err = evaluate(model, d.x_val, d.y_val, t.eval_batch_size)
     writer.add_scalar("val/loss", loss, step)
@@ -575,7 +558,7 @@ def finish(r: Run) -> dict:
     keys = ("test_error", "val_error", "best_test_error")
     tblog.write_hparams(r.writer, hparam, {k: metrics[k] for k in keys if metrics[k] is not None})
     r.writer.close()
-    write_metrics(r.out, metrics)
+    write_json(r.out / "metrics.json", metrics)
     log.info("%s: %s; test error %s%% (best-validation model %s%%)", r.out, metrics["status"],
              metrics["test_error"], metrics["best_test_error"])  # fmt: skip
     return metrics

@@ -72,13 +72,8 @@ class SpatialTransformer(nn.Module):
         channels: int = 1,
     ):
         super().__init__()
-        geometry.num_params(kind)  # validates the kind
-        if mode not in geometry.MODES:
-            raise StnbenchError(
-                f"unknown sampling mode {mode!r}; expected one of bilinear, nearest"
-            )
         trunk, hidden = LOCALISATION[loc]
-        self.kind, self.mode, self.tanh = kind, mode, tanh
+        self.kind, self.mode, self.tanh = kind, geometry.check_mode(mode), tanh
         self.residual = residual or tanh
         self.out_size = out_size or input_size
         self.loc = trunk(input_size, channels)

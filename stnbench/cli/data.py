@@ -39,14 +39,9 @@ def _dataset(cfg: DictConfig) -> dict:
     from stnbench import device
     from stnbench.config import recipe_of
 
-    recipe = recipe_of(cfg)
-    return dict(
-        name=cfg.data.name,
-        root=cfg.data.root,
-        seed=cfg.data.seed,
-        device=device.resolve(cfg.device),
-        recipe=recipe,
-    )
+    c = cfg.data
+    return dict(name=c.name, root=c.root, seed=c.seed, device=device.resolve(cfg.device),
+                recipe=recipe_of(cfg))  # fmt: skip
 
 
 def build(cfg: DictConfig) -> None:
