@@ -56,7 +56,7 @@ def range_test(cfg: DictConfig, out: Path) -> dict:
         smoothed = ema / (1 - f.smoothing ** (step + 1))
         row = {"step": step, "lr": lr, "loss": loss, "smoothed_loss": smoothed}
         if st:
-            row["grid_distance"] = grid_distance(model.transformer, x)
+            row["grid_distance"] = max(grid_distance(t, x) for t in model.transformers)
         rows.append(row)
         if not math.isfinite(smoothed) or smoothed > f.diverge * lowest:
             log.info("stopped at lr %.3g (step %d): the smoothed loss diverged", lr, step)

@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from stnbench.transformer import SpatialTransformer
+
 SCHEDULES = {
     "constant": lambda s, step, total: 1.0,
     # one-cycle: up over the warm-up (lr_factor), then linearly down to floor at the end
@@ -44,17 +46,15 @@ def lr_factor(schedule, step: int, total: int) -> float:
     return warm * SCHEDULES[schedule.name](schedule, step, total)
 
 
-def is_loc(name: str) -> bool:
-    """Whether a parameter (by its name in the model) belongs to a localisation net."""
-    return name.startswith("transformer.")
-
-
 def make_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
-    """The configured optimiser; the localisation net gets ``loc_lr_mult`` times the lr."""
-    named = list(model.named_parameters())
-    groups = [{"params": [p for n, p in named if not is_loc(n)], "base_lr": optim.lr}]
-    if loc := [p for n, p in named if is_loc(n)]:
-        groups.append({"params": loc, "base_lr": optim.lr * optim.loc_lr_mult})
+    """The configured optimiser; every spatial transformer's localisation net (side by side, on
+    the feature maps) gets ``loc_lr_mult`` times the lr."""
+    nets = [m for m in model.modules() if isinstance(m, SpatialTransformer)]
+    loc = {id(p) for net in nets for p in net.parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in loc], "base_lr": optim.lr}]
+    if loc:
+        loc_params = [p for p in model.parameters() if id(p) in loc]
+        groups.append({"params": loc_params, "base_lr": optim.lr * optim.loc_lr_mult})
     for g in groups:
         g["lr"] = g["base_lr"]
     return OPTIMIZERS[optim.name](groups, optim)

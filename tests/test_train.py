@@ -284,6 +284,25 @@ def test_nesterov_and_label_smoothing_reach_torch(mnist_root):
         config("optim=adam", "optim.nesterov=true")
 
 
+@pytest.mark.parametrize(
+    "options", [[], ["model.transformers=2"], ["model=st_cnn", "model.multi=true"]]
+)
+def test_loc_lr_mult_reaches_every_localisation_net(options):
+    """Side by side or on the feature maps, every transformer's parameters get loc_lr_mult x lr
+    (the second of two once trained at the full lr), and nothing else does."""
+    from stnbench.optim import make_optimizer
+    from stnbench.transformer import SpatialTransformer
+
+    cfg = config("model=st_fcn", "optim.lr=0.1", "optim.loc_lr_mult=0.2", *options)
+    model = models.from_config(dict(cfg.model), dict(cfg.transform), 42)
+    main, loc = make_optimizer(model, cfg.optim).param_groups
+    nets = [m for m in model.modules() if isinstance(m, SpatialTransformer)]
+    assert len(nets) == (1 if not options else 2)
+    assert {id(p) for p in loc["params"]} == {id(p) for n in nets for p in n.parameters()}
+    assert len(main["params"]) + len(loc["params"]) == len(list(model.parameters()))
+    assert main["lr"] == 0.1 and loc["lr"] == pytest.approx(0.02)
+
+
 @pytest.mark.slow
 def test_label_smoothing_changes_the_training_loss_and_nothing_else(mnist_root, tmp_path):
     args = ("data=plain", "model=fcn", "train.steps=20", "train.val_every=10", "train.log_every=1")
