@@ -6,6 +6,9 @@ base), and both kinds of failure read ``<key> must be <expected>; got <value>``.
 """
 
 import math
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import field, fields, is_dataclass
 from typing import Any, ClassVar
 
@@ -28,6 +31,30 @@ class Fault(StnbenchError):
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM, after the run saved its checkpoint: exit status 130. A KeyboardInterrupt,
     so it ends a sweep (Hydra records other exceptions of a job and goes on)."""
+
+
+@contextmanager
+def deferred_interrupts(first=lambda: None):
+    """Ctrl-C and SIGTERM while the block runs: the first is only recorded (and ``first()``
+    called), so that the block can end where it is safe to; a second raises KeyboardInterrupt at
+    once. Yields the signals caught, in order. Main thread only (elsewhere nothing is caught)."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum, frame):
+        caught.append(signum)
+        if len(caught) > 1:
+            raise KeyboardInterrupt
+        first()
+
+    before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 def one_line(error: BaseException) -> str:

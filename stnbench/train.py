@@ -16,8 +16,6 @@ import json
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from stnbench import allocator, data, device, geometry, models, tblog
+from stnbench import allocator, data, device, errors, geometry, models, tblog
 from stnbench.config import recipe_of, recorded
 from stnbench.errors import Fault, Interrupted, StnbenchError, describe, one_line
 from stnbench.files import atomic_path
@@ -585,35 +583,14 @@ def loop(cfg: DictConfig, out: Path, progress: bool, stop) -> dict:
     r = start(cfg, out, d, model, opt, progress)
     stream = batches(cfg, d, r.state.step)
     model.train()
-    with logging_redirect_tqdm(), deferred_interrupts() as caught:
+    # Ctrl-C and SIGTERM end the loop between two steps, so that its checkpoint resumes exactly
+    with logging_redirect_tqdm(), errors.deferred_interrupts() as caught:
         while r.training and not (caught or stop()):
             x, y = next(stream)
             set_lr(opt, lr_factor(cfg.schedule, r.state.step, cfg.train.steps))
             loss, wrong = train_step(model, opt, x, y, cfg.train.label_smoothing)
             stepped(r, loss, wrong)
         return interrupted(r) if r.training else finish(r)
-
-
-@contextmanager
-def deferred_interrupts():
-    """Ctrl-C and SIGTERM end the loop between two steps, so the checkpoint it then saves resumes
-    exactly (a second one interrupts at once); yields the signals caught. Main thread only."""
-    caught: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-
-    def handler(signum, frame):
-        if caught:
-            raise KeyboardInterrupt
-        caught.append(signum)
-
-    before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield caught
-    finally:
-        for s, h in before.items():
-            signal.signal(s, h)
 
 
 def interrupted(r: Run):

@@ -154,6 +154,43 @@ def test_an_interrupted_sweep_checkpoints_its_running_jobs(
         assert f"interrupted at step {step}; checkpoint saved" in (out / "train.log").read_text()
 
 
+def test_a_second_signal_stops_a_sweep_at_once(mnist_root, bin_dir, tmp_path):
+    """SIGTERM then Ctrl-C before the running jobs have stopped: the sweep ends at once (joblib
+    ends the workers) and says so, rather than that they saved their checkpoints."""
+    sweep = tmp_path / "sweep"
+    args = [str(bin_dir / "stnbench-train"), "-m", *RUN, "optim.lr=0.01,0.02",
+            "train.steps=1000000000", "hydra.launcher.n_jobs=2",
+            f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: sum("steps to go" in f.read_text() for f in sweep.rglob("train.log")) == 2)
+        proc.send_signal(signal.SIGTERM)  # two signal numbers: Python runs both handlers
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    # (multiprocessing's resource tracker may warn after it of what the killed workers held)
+    stopped = "stnbench-train: sweep stopped at once; its running jobs resume"
+    assert any(line.startswith(stopped) for line in err.splitlines()), err
+
+
+def test_deferred_interrupts_records_the_first_signal_and_raises_at_the_second():
+    from stnbench.errors import deferred_interrupts
+
+    marks = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupts(first=lambda: marks.append("first")) as caught:
+            os.kill(os.getpid(), signal.SIGTERM)
+            wait_for(lambda: caught, seconds=5)
+            assert caught == [signal.SIGTERM] and marks == ["first"]  # recorded, not raised
+            os.kill(os.getpid(), signal.SIGINT)
+            wait_for(lambda: False, seconds=5)  # the second signal raises in here
+    assert caught == [signal.SIGTERM, signal.SIGINT] and marks == ["first"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
 def test_a_killed_run_leaves_no_stale_lock(mnist_root, bin_dir, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(command(bin_dir, out, "train.steps=100000"))

@@ -102,7 +102,7 @@ class LocalLauncher(Launcher):
         from hydra_plugins.hydra_joblib_launcher._core import execute_job
 
         from stnbench.cli.train import count_returns
-        from stnbench.errors import Interrupted
+        from stnbench.errors import Interrupted, deferred_interrupts
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -111,33 +111,23 @@ class LocalLauncher(Launcher):
         log.info(f"Launching {len(jobs)} jobs, {workers} at once, {threads} threads each")
         stop_file = Path(tempfile.gettempdir()) / f"stnbench-sweep-{os.getpid()}.stop"
         stop_file.unlink(missing_ok=True)
-        stopping, error = [], None
-
-        def stop(signum, frame):
-            if stopping:
-                raise KeyboardInterrupt
-            stopping.append(signum)
-            stop_file.touch()
-
-        before = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        state = Singleton.get_state()
+        state, error = Singleton.get_state(), None
         config = {"inner_max_num_threads": threads, "idle_worker_timeout": 10}
-        try:
-            with joblib.parallel_config("loky", initializer=worker_start,
-                                        initargs=(str(stop_file),), **config):  # fmt: skip
-                returns = joblib.Parallel(n_jobs=workers)(
-                    joblib.delayed(execute_job)(first + i, overrides, self.hydra_context,
-                                                self.config, self.task_function, state)
-                    for i, overrides in enumerate(jobs)
-                )  # fmt: skip
-        except BaseException as e:
-            if not stopping:
-                raise
-            error = e
-        finally:
-            for s, h in before.items():
-                signal.signal(s, h)
-            stop_file.unlink(missing_ok=True)
+        with deferred_interrupts(first=stop_file.touch) as stopping:
+            try:
+                with joblib.parallel_config("loky", initializer=worker_start,
+                                            initargs=(str(stop_file),), **config):  # fmt: skip
+                    returns = joblib.Parallel(n_jobs=workers)(
+                        joblib.delayed(execute_job)(first + i, overrides, self.hydra_context,
+                                                    self.config, self.task_function, state)
+                        for i, overrides in enumerate(jobs)
+                    )  # fmt: skip
+            except BaseException as e:
+                if not stopping:
+                    raise
+                error = e
+            finally:
+                stop_file.unlink(missing_ok=True)
         if len(stopping) > 1:
             raise Interrupted(
                 "sweep stopped at once; its running jobs resume from their last checkpoint "
