@@ -1,5 +1,7 @@
 """The ``device`` setting: auto (cuda when available), cpu, cuda or cuda:N."""
 
+import re
+
 import torch
 
 from stnbench.errors import StnbenchError
@@ -8,8 +10,11 @@ from stnbench.errors import StnbenchError
 def resolve(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not isinstance(name, str) or not (name in ("cpu", "cuda") or name.startswith("cuda:")):
+    if not isinstance(name, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         raise StnbenchError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise StnbenchError(f"device={name} but no CUDA GPU is available; use device=cpu or auto")
-    return torch.device(name)
+    if dev.type == "cuda" and (dev.index or 0) >= (n := torch.cuda.device_count()):
+        raise StnbenchError(f"device={name} but this machine has {n} CUDA GPUs: cuda:0 to {n - 1}")
+    return dev

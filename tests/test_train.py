@@ -528,3 +528,15 @@ def test_hydra_help_cfg_and_shell_completion(bin_dir, tmp_path):
     r = run("--shell-completion", "install=bash")
     assert r.returncode == 0 and "complete" in r.stdout
     assert not (tmp_path / "outputs").exists()
+
+
+def test_device_names_are_checked_before_torch_sees_them():
+    from stnbench.device import resolve
+    from stnbench.errors import StnbenchError
+
+    assert resolve("cpu") == torch.device("cpu")
+    for bad in ("cuda:abc", "gpu", "cuda:", "cpu:0"):
+        with pytest.raises(StnbenchError, match="device must be auto, cpu, cuda or cuda:N"):
+            resolve(bad)
+    with pytest.raises(StnbenchError, match="device=cuda:99 but"):  # no GPU, or not 100 of them
+        resolve("cuda:99")
