@@ -149,12 +149,8 @@ class TrainJob(Checked):
         resolve_device(self.device)
         n = self.data.train_size or data.TRAIN_SIZE
         channels, canvas, classes = data.shape(self.data.recipe)
-        out_size = self.model.out_size
-        if out_size is not None and out_size > canvas:
-            raise StnbenchError(
-                f"model.out_size must be at most the input's side ({canvas}, the canvas); got "
-                f"{out_size}"
-            )
+        if self.model.out_size is not None and self.model.out_size > canvas:
+            raise self.model.bad("out_size", f"at most the input's side ({canvas}, the canvas)")
         if self.train.batch_size > n:
             raise StnbenchError(
                 f"train.batch_size ({self.train.batch_size}) is larger than the training set "

@@ -69,16 +69,12 @@ def read(runs: pd.DataFrame) -> pd.DataFrame:
 
 def plot(frame: pd.DataFrame, path: Path) -> None:
     """Validation error against images seen and against seconds, a panel row per distortion."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     datas, rows = list(dict.fromkeys(frame["data"])), list(dict.fromkeys(frame.row))
     protocols = list(dict.fromkeys(frame.protocol))
-    fig, axes = plt.subplots(
-        len(datas), 2, figsize=(12, 4 * len(datas)), squeeze=False, constrained_layout=True
-    )
+    fig = Figure(figsize=(12, 4 * len(datas)), constrained_layout=True)
+    axes = fig.subplots(len(datas), 2, squeeze=False)
     for (data, row, protocol), line in frame.groupby(["data", "row", "protocol"], sort=False):
         color = f"C{rows.index(row) % 10}"
         style = STYLES[protocols.index(protocol) % len(STYLES)]
@@ -94,4 +90,3 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
         pair[0].legend(fontsize="small")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)

@@ -69,11 +69,6 @@ def _check_split(split: str) -> None:
         raise StnbenchError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
 
 
-def _check_seed(seed) -> None:
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise StnbenchError(f"seed must be an integer >= 0; got {seed!r}")
-
-
 def mnist_split(split: str, root: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
     """Undistorted MNIST split: uint8 images (N, 28, 28) and int64 labels (N,)."""
     _check_split(split)
@@ -91,7 +86,8 @@ def _resolve(name: str, split: str, seed, rec: Recipe | None) -> Recipe | None:
     """Check the arguments; the recipe to use: ``rec`` if given, else the configured one."""
     configured = recipe(name)
     _check_split(split)
-    _check_seed(seed)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise StnbenchError(f"seed must be an integer >= 0; got {seed!r}")
     return configured if rec is None else rec
 
 
@@ -102,12 +98,8 @@ def cache_path(
     rec = _resolve(name, split, seed, recipe)
     if rec is None:
         raise StnbenchError("plain MNIST is not cached: it is read from the IDX files")
-    return (
-        mnist.data_root(root)
-        / "distorted"
-        / f"{name}-{rec.key_digest()}"
-        / f"{split}-seed{seed}.pt"
-    )
+    folder = mnist.data_root(root) / "distorted" / f"{name}-{rec.key_digest()}"
+    return folder / f"{split}-seed{seed}.pt"
 
 
 def _read_cache(path: Path, n: int, rec: Recipe) -> tuple[Tensor, Tensor]:

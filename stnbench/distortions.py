@@ -126,9 +126,7 @@ def sample_transform(recipe: Recipe, n: int, gen: torch.Generator) -> tuple[str,
     s = uniform(*recipe.scale)
     rot = torch.deg2rad(uniform(-recipe.rotation, recipe.rotation))
     shear = torch.tan(torch.deg2rad(uniform(-recipe.shear, recipe.shear)))
-    room = (
-        (recipe.canvas - DIGIT * s).clamp_min(0) / 2 if recipe.place else torch.zeros(n, dtype=f64)
-    )
+    room = (recipe.canvas - DIGIT * s).clamp_min(0) / 2 * recipe.place  # 0 unless placed
     t = uniform(-1, 1, 2) * (room + recipe.translation * recipe.canvas)[:, None]  # (n, 2) px
 
     cos, sin = torch.cos(rot), torch.sin(rot)
@@ -162,9 +160,8 @@ def _convex(corners: Tensor) -> Tensor:
     """Whether quads (n, 4, 2), corners ordered TL, TR, BL, BR, are convex with a square's turn."""
     ring = corners[:, [0, 1, 3, 2]]  # (n, 4, 2) in order round the quad
     edge = ring.roll(-1, dims=1) - ring
-    turn = (
-        edge[..., 0] * edge.roll(-1, dims=1)[..., 1] - edge[..., 1] * edge.roll(-1, dims=1)[..., 0]
-    )
+    after = edge.roll(-1, dims=1)
+    turn = edge[..., 0] * after[..., 1] - edge[..., 1] * after[..., 0]
     return (turn > 0).all(dim=1)  # y points down: a square's corners turn the positive way
 
 
@@ -211,14 +208,13 @@ def distort(
     recipe: Recipe,
     images: Tensor,
     gen: torch.Generator,
-    sources: Tensor | None = None,
     device: str | torch.device | None = None,
     chunk: int = 8192,
 ) -> Tensor:
     """Distort digits (N, 1, 28, 28) in [0, 1] -> (N, 1, canvas, canvas) in [0, 1], on ``device``.
 
-    ``sources`` (M, 28, 28) are the digits clutter is cut from (default: the images themselves).
-    The result is on the CPU. One digit per image: ``recipe.digits`` is compose()'s.
+    Clutter is cut from the other images. The result is on the CPU. One digit per image:
+    ``recipe.digits`` is compose()'s.
     """
     n = images.shape[0]
     if images.shape[1:] != (1, DIGIT, DIGIT):
@@ -226,7 +222,7 @@ def distort(
     device = torch.device(device or "cpu")
     kind, params = sample_transform(recipe, n, gen)
     if recipe.clutter:
-        sources = (images[:, 0] if sources is None else sources).to(device, torch.float32)
+        sources = images[:, 0].to(device, torch.float32)
         clutter = sample_clutter(recipe, n, len(sources), gen)
     size = (recipe.canvas, recipe.canvas)
     out = torch.empty(n, 1, *size)

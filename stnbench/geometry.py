@@ -57,10 +57,6 @@ class Kind:
     grid: Callable[[Tensor, tuple[int, int]], Tensor]
     label: str  # in table rows: "ST-CNN Aff"
 
-    @property
-    def num_params(self) -> int:
-        return len(self.param_names)
-
 
 def pixel_centres(size: tuple[int, int], dtype=torch.float32, device=None) -> Tensor:
     """Normalised (x, y) centres of an H x W image's pixels, (H, W, 2); align_corners=False."""
@@ -214,7 +210,7 @@ def _kind(kind: str) -> Kind:
 
 def num_params(kind: str) -> int:
     """Number of parameters P of a transform kind."""
-    return _kind(kind).num_params
+    return len(_kind(kind).param_names)
 
 
 def param_names(kind: str) -> list[str]:
@@ -235,7 +231,7 @@ def grid(kind: str, params: Tensor, size: tuple[int, int]) -> Tensor:
     channels-first memory (one GEMM for the whole batch); call .contiguous() before .view() on it.
     """
     entry = _kind(kind)
-    p = entry.num_params
+    p = len(entry.param_names)
     if not isinstance(params, Tensor) or params.ndim != 2 or params.shape[1] != p:
         got = tuple(params.shape) if isinstance(params, Tensor) else type(params).__name__
         raise StnbenchError(f"params for kind {kind!r} must have shape (B, {p}); got {got}")

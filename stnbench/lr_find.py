@@ -102,13 +102,11 @@ def suggest(frame: pd.DataFrame, f) -> dict:
 
 def plot(frame: pd.DataFrame, summary: dict, path: Path) -> None:
     """Loss against lr (log axis), the suggestion marked; the grid's distance for ST models."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     st = "grid_distance" in frame
-    fig, axes = plt.subplots(1 + st, 1, figsize=(6, 3.2 * (1 + st)), sharex=True, squeeze=False)
+    fig = Figure(figsize=(6, 3.2 * (1 + st)))
+    axes = fig.subplots(1 + st, 1, sharex=True, squeeze=False)
     ax = axes[0, 0]
     ax.plot(frame.lr, frame.loss, color="0.75", lw=0.8, label="loss")
     ax.plot(frame.lr, frame.smoothed_loss, color="C0", label="smoothed")
@@ -131,4 +129,3 @@ def plot(frame: pd.DataFrame, summary: dict, path: Path) -> None:
     axes[-1, 0].set_xlabel("learning rate")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -250,7 +250,6 @@ def from_config(
     model: dict, transform: dict | None, input_size: int, num_classes: int = 10, channels: int = 1
 ):
     """build() from the ``model`` and ``transform`` config groups (conf/model, conf/transform)."""
-    name = model["name"]
-    options = {k: v for k, v in model.items() if k != "name" and (is_st(name) or k == "budget")}
-    kind = transform["kind"] if transform and is_st(name) else None
-    return build(name, kind, input_size, num_classes, channels, **options)
+    options = {k: v for k, v in model.items() if k != "name"}  # fcn and cnn take only the budget
+    kind = transform and transform["kind"]
+    return build(model["name"], kind, input_size, num_classes, channels, **options)

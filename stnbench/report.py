@@ -21,17 +21,6 @@ from stnbench import curves, geometry, models
 from stnbench.errors import StnbenchError
 from stnbench.files import atomic_path
 
-# The paper's rows, in its order: (model, transform) -> label. fcn and cnn have no transform.
-ROWS = {
-    ("fcn", None): "FCN",
-    ("cnn", None): "CNN",
-    ("st_fcn", "affine"): "ST-FCN Aff",
-    ("st_fcn", "projective"): "ST-FCN Proj",
-    ("st_fcn", "tps"): "ST-FCN TPS",
-    ("st_cnn", "affine"): "ST-CNN Aff",
-    ("st_cnn", "projective"): "ST-CNN Proj",
-    ("st_cnn", "tps"): "ST-CNN TPS",
-}
 # the paper's, in its order; addition is Appendix A.1's table, beside Table 1's columns
 COLUMNS = {"r": "R", "rts": "RTS", "p": "P", "e": "E", "tc": "TC", "addition": "Addition"}
 
@@ -75,18 +64,15 @@ def row_label(
     transformers=1,
     multi=False,
 ) -> str:
-    """The table's row name: the paper's where it has one, variants marked after it. A run has
-    a transformer when it records a transform (metrics.json's ``transform``, from models.is_st).
-    ``loc_lr_mult`` is SEARCHED for the trials of a search (hparams_search), whose lrs and
-    multipliers differ from trial to trial."""
+    """The table's row name, from the registries' labels ("ST-CNN Aff", the paper's), variants
+    marked after it. A run has a transformer when it records a transform (metrics.json's
+    ``transform``, from models.is_st). ``loc_lr_mult`` is SEARCHED for the trials of a search
+    (hparams_search), whose lrs and multipliers differ from trial to trial."""
     st = isinstance(transform, str)
-    transform = transform if st else None
-    label = ROWS.get((model, transform))
-    if label is None:
-        arch, kind = models.MODELS.get(model), geometry.KINDS.get(transform)
-        label = arch.label if arch else model  # a model or kind no longer registered: its name
-        if st:
-            label += " " + (kind.label if kind else transform)
+    arch, kind = models.MODELS.get(model), geometry.KINDS.get(transform) if st else None
+    label = arch.label if arch else model  # a model or kind no longer registered: its name
+    if st:
+        label += " " + (kind.label if kind else transform)
     if st and transformers > 1:  # side by side: the paper's 2xST-FCN
         label = f"{transformers}x{label}"
     marks = ["tanh" if tanh else "residual"] if tanh or residual else []
@@ -97,6 +83,11 @@ def row_label(
     elif st and not pd.isna(loc_lr_mult) and loc_lr_mult != 1:  # None / NaN: not recorded
         marks.append(f"loc lr x{loc_lr_mult:g}")
     return label + (f" ({', '.join(marks)})" if marks else "")
+
+
+# Table 1's rows, in its order: (model, transform) -> label
+ROWS = {(m, t): row_label(m, t) for m in models.MODELS
+        for t in (("affine", "projective", "tps") if models.is_st(m) else (None,))}  # fmt: skip
 
 
 def _unfinished(folder: Path) -> dict | None:
@@ -358,15 +349,11 @@ def lr_markdown(per_lr: pd.DataFrame, table: pd.DataFrame) -> str:
 
 def lr_plot(runs: pd.DataFrame, per_lr: pd.DataFrame, path: Path) -> None:
     """Test error against learning rate, a line per model, a panel per distortion (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     rows, cols = _order(runs)
-    fig, axes = plt.subplots(
-        1, len(cols), figsize=(5 * len(cols), 4), squeeze=False, constrained_layout=True
-    )
+    fig = Figure(figsize=(5 * len(cols), 4), constrained_layout=True)
+    axes = fig.subplots(1, len(cols), squeeze=False)
     for ax, data in zip(axes[0], cols, strict=True):
         for i, row in enumerate(rows):
             line = per_lr[(per_lr["data"] == data) & (per_lr.row == row)].sort_values("lr")
@@ -386,7 +373,6 @@ def lr_plot(runs: pd.DataFrame, per_lr: pd.DataFrame, path: Path) -> None:
         ax.legend(fontsize="small")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 # --- the files ----------------------------------------------------------------------------------

@@ -365,21 +365,6 @@ class Run:
         return self.model if self.ema is None else self.ema.module
 
 
-def start(cfg: DictConfig, out: Path, d: Splits, model, opt, progress=False) -> Run:
-    """A run's bookkeeping, resumed from its checkpoint if it has one."""
-    out = Path(out)
-    ema = make_ema(model, cfg.train.ema)
-    state = resume(out, model, opt, ema)
-    # readers drop what earlier event files logged from this step on (all of it at step 0)
-    writer = SummaryWriter(str(out), purge_step=state.step)
-    if state.step == 0:
-        text = f"{models.count(model):,} learnable parameters\n\n    {model}"
-        writer.add_text("model/params", text)
-    bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not progress, unit="step",
-               dynamic_ncols=True, leave=False)  # fmt: skip
-    return Run(cfg, out, model, opt, d, state, writer, bar, ema)
-
-
 def clock(r: Run) -> None:
     """The loop's wall time so far into the state (it is checkpointed)."""
     now = time.perf_counter()
@@ -580,8 +565,17 @@ def loop(cfg: DictConfig, out: Path, progress: bool, stop) -> dict:
     d = load_splits(cfg, dev)
     model = build_model(cfg, dev)
     opt = make_optimizer(model, cfg.optim)
-    r = start(cfg, out, d, model, opt, progress)
-    stream = batches(cfg, d, r.state.step)
+    ema = make_ema(model, cfg.train.ema)
+    state = resume(out, model, opt, ema)
+    # readers drop what earlier event files logged from this step on (all of it at step 0)
+    writer = SummaryWriter(str(out), purge_step=state.step)
+    if state.step == 0:
+        text = f"{models.count(model):,} learnable parameters\n\n    {model}"
+        writer.add_text("model/params", text)
+    bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not progress, unit="step",
+               dynamic_ncols=True, leave=False)  # fmt: skip
+    r = Run(cfg, out, model, opt, d, state, writer, bar, ema)
+    stream = batches(cfg, d, state.step)
     model.train()
     # Ctrl-C and SIGTERM end the loop between two steps, so that its checkpoint resumes exactly
     with logging_redirect_tqdm(), errors.deferred_interrupts() as caught:

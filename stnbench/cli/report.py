@@ -9,7 +9,7 @@ from stnbench.cli import run
 PROG = "stnbench-report"
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
+def main() -> int:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Read every metrics.json below the folders (single runs and sweeps mixed) "
@@ -23,11 +23,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, help="where the files go (default: DIR/report, the first DIR)"
     )
-    return parser.parse_args(argv)
-
-
-def main() -> int:
-    args = parse(sys.argv[1:])
+    args = parser.parse_args()
     out = args.out or Path(args.dirs[0]) / "report"
     unreadable = []
 

@@ -113,11 +113,6 @@ def to_log_file(error: BaseException) -> None:
             handler.handle(record)
 
 
-def interrupt(signum, frame):
-    """SIGTERM, as Ctrl-C: the training loop saves its checkpoint and ends between two steps."""
-    raise KeyboardInterrupt
-
-
 class Checks(Callback):
     """A single run's settings checked before its folder is made; after a sweep, how its jobs
     ended, where to point TensorBoard and how to make the table
@@ -167,7 +162,7 @@ def main() -> int:
     plugins.register(LocalLauncher)
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra's errors reach run(): one line each
     logging.raiseExceptions = False  # a log file on a full disk: no second traceback
-    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM as Ctrl-C
     code = run(PROG, app)
     if code:
         return code
