@@ -15,7 +15,6 @@ import importlib.resources
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from omegaconf import OmegaConf
@@ -52,16 +51,12 @@ def recipe(name: str) -> Recipe | None:
     return recipes()[name]
 
 
-class Shape(NamedTuple):
-    channels: int  # a digit each
-    canvas: int  # the images' side, pixels
-    classes: int  # labels 0 .. classes - 1: the digits' sums
-
-
-def shape(rec: Recipe | None) -> Shape:
-    """What a dataset's images and labels look like (plain MNIST's when ``rec`` is None)."""
+def shape(rec: Recipe | None) -> tuple[int, int, int]:
+    """What a dataset's images and labels look like (plain MNIST's when ``rec`` is None):
+    (channels, a digit each; canvas, the images' side in pixels; classes, the labels being
+    0 .. classes - 1, the digits' sums)."""
     digits = 1 if rec is None else rec.digits
-    return Shape(digits, DIGIT if rec is None else rec.canvas, 9 * digits + 1)
+    return digits, DIGIT if rec is None else rec.canvas, 9 * digits + 1
 
 
 def _check_split(split: str) -> None:

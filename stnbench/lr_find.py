@@ -113,6 +113,9 @@ def plot(frame: pd.DataFrame, summary: dict, path: Path) -> None:
     finite = frame.smoothed_loss[frame.smoothed_loss.apply(math.isfinite)]
     ax.set_ylim(finite.min() * 0.9, min(finite.max(), 4 * finite.min()) * 1.05)
     ax.set_ylabel("training loss")
+    if st:
+        axes[1, 0].plot(frame.lr, frame.grid_distance, color="C1", label="grid distance")
+        axes[1, 0].set_ylabel("grid's distance from\nthe identity (half-widths)")
     for a in axes[:, 0]:
         a.set_xscale("log")
         if summary["suggested_lr"]:
@@ -122,10 +125,6 @@ def plot(frame: pd.DataFrame, summary: dict, path: Path) -> None:
             a.axvline(summary["collapse_lr"], color="C3", ls=":",
                       label=f"localisation collapse {summary['collapse_lr']:.3g}")  # fmt: skip
         a.legend(fontsize=8)
-    if st:
-        axes[1, 0].plot(frame.lr, frame.grid_distance, color="C1", label="grid distance")
-        axes[1, 0].set_ylabel("grid's distance from\nthe identity (half-widths)")
-        axes[1, 0].legend(fontsize=8)
     axes[-1, 0].set_xlabel("learning rate")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

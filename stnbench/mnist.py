@@ -124,14 +124,6 @@ def _read(path: Path) -> np.ndarray:
     return _read_cached(path, st.st_mtime_ns, st.st_size)
 
 
-def _is_good(path: Path) -> bool:
-    try:
-        _read(path)
-    except StnbenchError:
-        return False
-    return True
-
-
 def _from_torchvision(tmp: Path) -> dict[str, np.ndarray]:
     from torchvision.datasets import MNIST
 
@@ -175,8 +167,12 @@ def fetch(root: str | os.PathLike | None = None, source: str = "auto") -> Path:
         raise StnbenchError(f"unknown MNIST source {source!r}; expected auto, {', '.join(SOURCES)}")
     root = data_root(root)
     raw = root / RAW
-    if all(_is_good(raw / name) for name in FILES):
+    try:
+        for name in FILES:
+            _read(raw / name)
         return root
+    except StnbenchError:  # missing or damaged: fetched again
+        pass
     raw.mkdir(parents=True, exist_ok=True)
     errors = []
     for name in SOURCES if source == "auto" else (source,):

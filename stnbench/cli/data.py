@@ -9,6 +9,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
 from stnbench.cli import load_config, run
+from stnbench.errors import StnbenchError
 
 # torch and torchvision are imported inside the actions: --help and config errors answer at once
 
@@ -92,14 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     action, overrides = argv[0], argv[1:]
-    if action not in ACTIONS:
-        print(
-            f"{PROG}: error: unknown action {action!r}; expected one of {', '.join(ACTIONS)}",
-            file=sys.stderr,
-        )
-        return 2
 
     def body():  # data=a,b,c (Hydra's sweep syntax) runs the action once per dataset
+        if action not in ACTIONS:
+            raise StnbenchError(f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
         parsed = OverridesParser.create().parse_overrides(overrides)
         (jobs,) = BasicSweeper.split_arguments(parsed, None) or [[overrides]]
         for job in [load_config("stnbench_data", job) for job in jobs]:  # all checked first
