@@ -80,7 +80,7 @@ class Optim(Checked):
     lr: float = setting(0.01, "a number in (0, inf]", number(0, lo_open=True))
     momentum: float = setting(0.9, "a number in [0, 1)", number(0, 1, hi_open=True))
     weight_decay: float = setting(0.0, "a number >= 0", number(0))
-    loc_lr_mult: float = setting(1.0, "a number >= 0", number(0))  # the localisation net's lr
+    loc_lr_mult: float = setting(1.0, "a number >= 0", number(0))  # localisation nets' lr
     nesterov: bool = setting(False, BOOL)  # Nesterov momentum (sgd)
 
     def __post_init__(self):

@@ -73,7 +73,7 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
 
     datas, rows = list(dict.fromkeys(frame["data"])), list(dict.fromkeys(frame.row))
     protocols = list(dict.fromkeys(frame.protocol))
-    fig = Figure(figsize=(12, 4 * len(datas)), constrained_layout=True)
+    fig = Figure(figsize=(12, 4 * len(datas)), layout="constrained")
     axes = fig.subplots(len(datas), 2, squeeze=False)
     for (data, row, protocol), line in frame.groupby(["data", "row", "protocol"], sort=False):
         color = f"C{rows.index(row) % 10}"

@@ -168,7 +168,7 @@ def _convex(corners: Tensor) -> Tensor:
 def sample_clutter(recipe: Recipe, n: int, n_sources: int, gen: torch.Generator):
     """Draw clutter for n images: sources (n, K), crop corners (n, K, 2), canvas corners (n, K, 2).
 
-    Source k of image i is another digit than the i-th (when the sources are the images' own set).
+    Source k of image i is another digit of the set than the i-th.
     """
     k, size = recipe.clutter, recipe.clutter_size
     other = torch.randint(1, max(n_sources, 2), (n, k), generator=gen)

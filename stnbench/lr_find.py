@@ -49,7 +49,7 @@ def range_test(cfg: DictConfig, out: Path) -> dict:
     model.train()
     for step in range(f.steps):
         lr = f.start * (f.end / f.start) ** (step / max(1, f.steps - 1))
-        set_lr(opt, lr / cfg.optim.lr)  # the localisation net keeps its share (loc_lr_mult)
+        set_lr(opt, lr / cfg.optim.lr)  # localisation nets keep their share (loc_lr_mult)
         x, y = next(stream)
         loss = train_step(model, opt, x, y, cfg.train.label_smoothing)[0].item()
         ema = f.smoothing * ema + (1 - f.smoothing) * loss

@@ -251,5 +251,5 @@ def from_config(
 ):
     """build() from the ``model`` and ``transform`` config groups (conf/model, conf/transform)."""
     options = {k: v for k, v in model.items() if k != "name"}  # fcn and cnn take only the budget
-    kind = transform and transform["kind"]
+    kind = transform["kind"] if transform else None
     return build(model["name"], kind, input_size, num_classes, channels, **options)

@@ -1,7 +1,7 @@
 """Optimisers and learning-rate schedules by name: one registration each.
 
 ``SCHEDULES[name](schedule, step, total)`` is the multiplier of the base learning rate at
-``step`` (0-based) of ``total``; ``make_optimizer`` builds the named optimiser with the
+``step`` (0-based) of ``total``; ``make_optimizer`` builds the named optimiser with every
 localisation net in a parameter group of its own (``loc_lr_mult`` times the learning rate).
 """
 

@@ -69,7 +69,7 @@ def row_label(
     ``transform``, from models.is_st). ``loc_lr_mult`` is SEARCHED for the trials of a search
     (hparams_search), whose lrs and multipliers differ from trial to trial."""
     st = isinstance(transform, str)
-    arch, kind = models.MODELS.get(model), geometry.KINDS.get(transform) if st else None
+    arch, kind = models.MODELS.get(model), (geometry.KINDS.get(transform) if st else None)
     label = arch.label if arch else model  # a model or kind no longer registered: its name
     if st:
         label += " " + (kind.label if kind else transform)
@@ -137,7 +137,8 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
         )
     runs = pd.DataFrame(list(records.values()))
     optional = ("transform", "residual", "tanh", "loc_lr_mult", "test_error", "val_error",
-                "transformer_dead", "searched", "transformers", "multi")  # fmt: skip
+                "transformer_dead", "searched", "transformers", "multi",
+                "loc_lr_every_transformer")  # fmt: skip
     runs = runs.assign(**{k: None for k in optional if k not in runs})
     runs.attrs["unreadable"] = unreadable  # warnings() names them
     loc = runs.loc_lr_mult.astype(float).fillna(1.0)  # not recorded: written before it was 1
@@ -242,6 +243,13 @@ def warnings(runs: pd.DataFrame) -> list[str]:
             if key in g and g[key].nunique(dropna=True) > 1:
                 values = ", ".join(map(str, sorted(g[key].dropna().unique())))
                 out.append(f"{row} on {data}: runs differ in {key} ({values})")
+    from stnbench.train import before_loc_lr_fix
+
+    stale = done[[before_loc_lr_fix(run) for _, run in done.iterrows()]]
+    for (row, data), g in stale.groupby(["row", "data"]):
+        stale_runs = f"{len(g)} runs trained before commit 666d9d5"
+        out.append(f"{row} on {data}: {stale_runs}, their transformers but the first at the full "
+                   "lr; rerun them in a new folder")  # fmt: skip
     return out
 
 
@@ -352,7 +360,7 @@ def lr_plot(runs: pd.DataFrame, per_lr: pd.DataFrame, path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     rows, cols = _order(runs)
-    fig = Figure(figsize=(5 * len(cols), 4), constrained_layout=True)
+    fig = Figure(figsize=(5 * len(cols), 4), layout="constrained")
     axes = fig.subplots(1, len(cols), squeeze=False)
     for ax, data in zip(axes[0], cols, strict=True):
         for i, row in enumerate(rows):
@@ -388,7 +396,8 @@ def write(runs: pd.DataFrame, out: str | Path) -> list[Path]:
              "table.tex": latex(table), "runs.csv": runs}  # fmt: skip
     plots = {}
     if not (frame := curves.read(runs)).empty:
-        files["curves.csv"], plots["curves.png"] = frame, lambda p: curves.plot(frame, p)
+        files["curves.csv"] = frame
+        plots["curves.png"] = lambda p: curves.plot(frame, p)
     if runs.lr.nunique() > 1:
         files["table_lr.csv"] = per_lr.rename(columns={"score": "val_score"})
         files["table_lr.md"] = lr_markdown(per_lr, table)

@@ -84,6 +84,7 @@ def settings(cfg: DictConfig) -> dict:
         "tanh": bool(cfg.model.tanh) if st else None,
         "transformers": cfg.model.transformers if st else None,
         "multi": bool(cfg.model.multi) if st else None,
+        "loc_lr_every_transformer": True if st else None,  # see before_loc_lr_fix
         "optim": cfg.optim.name,
         "lr": cfg.optim.lr,
         "loc_lr_mult": cfg.optim.loc_lr_mult,
@@ -96,6 +97,20 @@ def settings(cfg: DictConfig) -> dict:
         "searched": bool(cfg.get("optimized_metric")),  # a trial of a search (hparams_search)
         "torch": torch.__version__,
     }
+
+
+def before_loc_lr_fix(m) -> bool:
+    """Whether a run's metrics (a dict, or a row of stnbench.report's) are those of a model with
+    several transformers trained before commit 666d9d5, when only the first one's localisation
+    net got optim.loc_lr_mult's share of the lr and the others the full lr."""
+
+    def given(key):  # the recorded value; None where missing or NaN
+        value = m.get(key)
+        return None if value is None or value != value else value
+
+    several = (given("transformers") or 1) > 1 or given("multi") in (True, 1)
+    fixed = given("loc_lr_every_transformer")
+    return several and given("loc_lr_mult") not in (None, 1) and not fixed
 
 
 def record_failure(cfg: DictConfig, out: Path, error: BaseException) -> dict:
@@ -179,6 +194,9 @@ def finished(out: Path) -> dict | None:
         log.info("%s failed before (%s); trying it again", out, done.get("reason"))
         return None
     log.info("%s is finished (%s); not training it again", out, path.name)
+    if before_loc_lr_fix(done):
+        log.warning("%s trained its transformers but the first at the full lr (before commit "
+                    "666d9d5); move it aside to train it again", out)  # fmt: skip
     return done
 
 

@@ -255,3 +255,18 @@ def test_an_unreadable_run_is_skipped_named_and_counted_and_the_exit_says_so(bin
     assert "c/metrics.json: unreadable (not an object); skipped" in warnings[1]
     assert "1.00 (1) [1 unreadable]" in (out / "table.md").read_text()
     assert set(pd.read_csv(out / "runs.csv").status) == {"ok", "unreadable"}
+
+
+def test_runs_trained_before_the_loc_lr_fix_are_warned_about(tmp_path):
+    """A model with several transformers whose metrics.json does not say that every one got
+    loc_lr_mult's share was trained with the others at the full lr (before commit 666d9d5)."""
+    r = tmp_path / "runs"
+    kw = dict(test=1.0, val=1.0, loc_lr_mult=0.2, model="st_fcn")
+    run_folder(r, "old", transformers=2, **kw)
+    run_folder(r, "new", transformers=2, seed=1, data="r", loc_lr_every_transformer=True, **kw)
+    run_folder(r, "one", **kw)  # one transformer: it always got its share
+    run_folder(r, "multi", model="st_cnn", multi=True, loc_lr_mult=0.2, test=1.0, val=1.0)
+    warnings = report.warnings(report.collect([r]))
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("2xST-FCN Aff on rts: 1 runs trained before commit 666d9d5")
+    assert warnings[1].startswith("ST-CNN Aff (multi) on rts: 1 runs trained before commit")

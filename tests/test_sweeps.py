@@ -321,6 +321,7 @@ def test_paper_table1_is_every_cell_once():
         kind = cfg.transform.kind if is_st(cfg.model.name) else None
         labels.add(report.row_label(cfg.model.name, kind))
     assert labels == set(report.ROWS.values())
+    assert set(report.ROWS.values()) <= set(report.PAPER)  # the registries' labels are the paper's
 
 
 def test_paper_addition_is_appendix_a1s_rows_and_ours():

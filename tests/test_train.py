@@ -535,7 +535,7 @@ def test_device_names_are_checked_before_torch_sees_them():
     from stnbench.errors import StnbenchError
 
     assert resolve("cpu") == torch.device("cpu")
-    for bad in ("cuda:abc", "gpu", "cuda:", "cpu:0"):
+    for bad in ("cuda:abc", "gpu", "cuda:", "cpu:0", "cuda:01", "cuda:\uff11"):  # a wide 1
         with pytest.raises(StnbenchError, match="device must be auto, cpu, cuda or cuda:N"):
             resolve(bad)
     with pytest.raises(StnbenchError, match="device=cuda:99 but"):  # no GPU, or not 100 of them

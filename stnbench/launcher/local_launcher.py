@@ -113,8 +113,8 @@ class LocalLauncher(Launcher):
         stop_file.unlink(missing_ok=True)
         state, error = Singleton.get_state(), None
         config = {"inner_max_num_threads": threads, "idle_worker_timeout": 10}
-        with deferred_interrupts(first=stop_file.touch) as stopping:
-            try:
+        try:
+            with deferred_interrupts(first=stop_file.touch) as stopping:
                 with joblib.parallel_config("loky", initializer=worker_start,
                                             initargs=(str(stop_file),), **config):  # fmt: skip
                     returns = joblib.Parallel(n_jobs=workers)(
@@ -122,12 +122,12 @@ class LocalLauncher(Launcher):
                                                     self.config, self.task_function, state)
                         for i, overrides in enumerate(jobs)
                     )  # fmt: skip
-            except BaseException as e:
-                if not stopping:
-                    raise
-                error = e
-            finally:
-                stop_file.unlink(missing_ok=True)
+        except BaseException as e:
+            if not stopping:
+                raise
+            error = e
+        finally:  # after the handlers are restored: no signal can mark it again
+            stop_file.unlink(missing_ok=True)
         if len(stopping) > 1:
             raise Interrupted(
                 "sweep stopped at once; its running jobs resume from their last checkpoint "
