@@ -106,7 +106,13 @@ def test_an_interrupted_run_says_where_it_stopped_and_resumes(mnist_root, bin_di
 def resume_then_stop(bin_dir, out, step, *overrides):
     """Rerun the command, check it resumes from ``step``, then stop it with Ctrl-C."""
     proc = subprocess.Popen(command(bin_dir, out, *overrides), stderr=subprocess.DEVNULL)
-    wait_for(lambda: f"resuming {out} from step {step}" in (out / "train.log").read_text())
+    resumed = f"resuming {out} from step {step}"
+
+    def training():  # the loop's own handler is in place (not a background job's SIG_IGN)
+        text = (out / "train.log").read_text()
+        return resumed in text and "val loss" in text.split(resumed)[-1]
+
+    wait_for(training)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
 
