@@ -3,6 +3,9 @@
 A setting is a dataclass field made with ``setting(default, expected, ok)``: its type is checked by
 OmegaConf when Hydra composes the config, its range by ``Checked.__post_init__`` (every schema's
 base), and both kinds of failure read ``<key> must be <expected>; got <value>``.
+
+Also here, beside ``Interrupted``: ``deferred_interrupts``, how the training loop and the sweep
+launcher turn a first Ctrl-C or SIGTERM into a stop at a safe point and a second into one at once.
 """
 
 import math

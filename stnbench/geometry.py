@@ -261,6 +261,7 @@ def homography(src: Tensor, dst: Tensor) -> Tensor:
 
 
 def check_mode(mode: str) -> str:
+    """``mode`` if it is a sampling mode grid_sample takes here (MODES), else a one-line error."""
     if mode not in MODES:
         raise StnbenchError(f"unknown sampling mode {mode!r}; expected one of {', '.join(MODES)}")
     return mode
