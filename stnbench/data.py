@@ -1,14 +1,11 @@
 """Datasets by name and split: ``load(name, split) -> (images, labels)``.
 
 A dataset name is a config in the installed package's ``conf/data/`` (``plain``, ``r``, ``rts``,
-``p``, ``e``, ``tc``, ``seed40``, ``addition``, or any recipe added there). Splits follow the
-common reproduction of the STN paper: ``train`` is the first 50k images of MNIST's training set,
-``val`` the last 10k, ``test`` MNIST's test set; the i-th image of a distorted split is the i-th
-MNIST image of that split, distorted, so labels equal plain's (addition: its first digit's).
-
-Distorted splits are built once per (recipe, split, seed) and cached under
-``<data root>/distorted/<name>-<recipe digest>/<split>-seed<seed>.pt`` as uint8 (values rounded
-to 1/255, like MNIST itself); writes are atomic, so concurrent builders cannot corrupt a cache.
+``p``, ``e``, ``tc``, ``seed40``, ``addition``, or any recipe added there). ``train`` is the first
+50k images of MNIST's training set, ``val`` the last 10k, ``test`` MNIST's test set; the i-th
+image of a distorted split is the i-th MNIST image of that split, distorted. Distorted splits are
+built once per (recipe, split, seed) and cached as uint8 (docs/datasets.md, "Caches and fresh
+draws").
 """
 
 import importlib.resources
@@ -34,14 +31,9 @@ SPLIT_SIZES = {"train": TRAIN_SIZE, "val": 10_000, "test": 10_000}
 def recipes() -> dict[str, Recipe | None]:
     """Every configured dataset, name -> recipe (None for plain MNIST), from conf/data/*.yaml."""
     folder = importlib.resources.files("stnbench.conf") / "data"
-    found = {}
-    for f in sorted(folder.iterdir(), key=lambda f: f.name):
-        if f.name.endswith(".yaml"):
-            values = OmegaConf.create(f.read_text())["recipe"]
-            found[f.name.removesuffix(".yaml")] = (
-                None if values is None else Recipe.from_dict(values)
-            )
-    return found
+    yamls = sorted((f for f in folder.iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
+    found = {f.name.removesuffix(".yaml"): OmegaConf.create(f.read_text())["recipe"] for f in yamls}
+    return {name: None if r is None else Recipe.from_dict(r) for name, r in found.items()}
 
 
 def recipe(name: str) -> Recipe | None:
@@ -104,13 +96,10 @@ def _read_cache(path: Path, n: int, rec: Recipe) -> tuple[Tensor, Tensor]:
         images, labels = blob["images"], blob["labels"]
     except Exception as e:
         raise StnbenchError(f"{path} is unreadable ({one_line(e)}); {rebuild}") from None
-    if (
-        images.dtype != torch.uint8
-        or images.shape != (n, rec.digits, rec.canvas, rec.canvas)
-        or labels.shape != (n,)
-    ):
-        shape = f"{rec.digits}x{rec.canvas}x{rec.canvas}"
-        raise StnbenchError(f"{path} does not hold {n} uint8 {shape} images; {rebuild}")
+    shape = (rec.digits, rec.canvas, rec.canvas)
+    if images.dtype != torch.uint8 or images.shape != (n, *shape) or labels.shape != (n,):
+        shown = "x".join(map(str, shape))
+        raise StnbenchError(f"{path} does not hold {n} uint8 {shown} images; {rebuild}")
     return images, labels
 
 
@@ -121,6 +110,7 @@ def load(
     seed: int = 0,
     device: str | torch.device | None = None,
     recipe: Recipe | None = None,
+    epoch: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Images float32 (N, C, H, W) in [0, 1] and labels int64 (N,) of a dataset split; C is the
     recipe's ``digits`` (1 but for addition, whose labels are the sums, 0-18).
@@ -129,10 +119,17 @@ def load(
     MNIST is fetched there on first use. ``seed`` selects the draw of a distorted dataset, which
     is built on ``device`` (default cpu) the first time and read from its cache after that.
     ``recipe`` replaces the configured recipe of ``name`` (e.g. with overrides applied).
+    ``epoch``: a new draw of the train or val split for that epoch instead, neither cached nor
+    quantised (training on fresh distortions every epoch; the test set always stays fixed).
     """
     rec = _resolve(name, split, seed, recipe)
+    if epoch is not None and split == "test":
+        raise StnbenchError("fresh draws are for train and val; the test set stays fixed")
     if rec is None:
         return _digits(split, root)
+    if epoch is not None:
+        draw = generator(rec, f"{split}/epoch{epoch}", seed)
+        return compose(rec, *_digits(split, root), draw, device)
     path = cache_path(name, split, root, seed, rec)
     if path.exists():  # the cache holds the labels too: MNIST is read only to build
         images, labels = _read_cache(path, SPLIT_SIZES[split], rec)
@@ -142,26 +139,3 @@ def load(
         with atomic_path(path) as tmp:
             torch.save({"images": images, "labels": labels, "recipe": rec.key_digest()}, tmp)
     return images.to(torch.float32).div_(255), labels
-
-
-def fresh(
-    name: str,
-    split: str,
-    epoch: int,
-    root: str | os.PathLike | None = None,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    recipe: Recipe | None = None,
-) -> tuple[Tensor, Tensor]:
-    """A new draw of a distorted train or val split for one epoch, not cached, not quantised.
-
-    For training on fresh distortions every epoch; the test set always stays fixed, so
-    ``split="test"`` is refused.
-    """
-    rec = _resolve(name, split, seed, recipe)
-    if split == "test":
-        raise StnbenchError("fresh draws are for train and val; the test set stays fixed (load)")
-    digits, labels = _digits(split, root)
-    if rec is None:
-        return digits, labels
-    return compose(rec, digits, labels, generator(rec, f"{split}/epoch{epoch}", seed), device)

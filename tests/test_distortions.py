@@ -219,7 +219,7 @@ def test_addition_sums_two_digits_each_rts_distorted_in_its_own_channel(val, mni
     other, _ = data.load("addition", "val", root=mnist_copy, seed=1)
     assert not torch.equal(other, images)
     # fresh draws pair new partners each epoch, labels following
-    fresh, fresh_labels = data.fresh("addition", "val", epoch=0, root=mnist_copy)
+    fresh, fresh_labels = data.load("addition", "val", epoch=0, root=mnist_copy)
     assert fresh.shape == images.shape and not torch.equal(fresh_labels, labels)
     assert ((fresh_labels - plain_labels) >= 0).all() and ((fresh_labels - plain_labels) <= 9).all()
 
@@ -245,12 +245,12 @@ def test_damaged_cache_is_a_one_line_error(mnist_copy):
 
 
 def test_fresh_draws_differ_per_epoch_and_never_touch_test(val):
-    a, la = data.fresh("r", "val", epoch=0)
-    b, _ = data.fresh("r", "val", epoch=1)
+    a, la = data.load("r", "val", epoch=0)
+    b, _ = data.load("r", "val", epoch=1)
     assert a.shape == b.shape == val[0].shape and torch.equal(la, val[1])
     assert not torch.equal(a, b)
     with pytest.raises(StnbenchError, match="the test set stays fixed"):
-        data.fresh("r", "test", epoch=0)
+        data.load("r", "test", epoch=0)
 
 
 def test_bad_names_and_values():
