@@ -16,13 +16,11 @@ Kinds and their parameter layouts, (B, P), registered once in ``KINDS``:
 - ``tps``: a thin plate spline through 16 control points on a regular 4x4 grid spanning
   [-1, 1]^2, ordered row by row (y outer, x inner). The parameters are the input locations the
   control points map to, (x, y) each, P = 32. Radial basis U(r) = r^2 log r^2.
-- ``similarity``: (log_scale, rotation, tx, ty), P = 4;
-  (x, y) -> exp(log_scale) R(rotation) (x, y) + (tx, ty) with R(a) = [[cos a, -sin a],
-  [sin a, cos a]], rotation in radians; that is theta = [[s cos, -s sin, tx], [s sin, s cos, ty]]
-  with s = exp(log_scale). The scale is a log-scale, so the identity is all zeros and every real
-  value is a valid, non-degenerate (positive) scale. R turns x towards y, which is down: the
-  sampled locations turn clockwise on screen, so the content of the output turns
-  counter-clockwise by ``rotation`` (rotation = pi/2 is torch.rot90 of a square image).
+- ``similarity``: (log_scale, rotation, tx, ty), P = 4; theta = [[s cos r, -s sin r, tx],
+  [s sin r, s cos r, ty]] with s = exp(log_scale), r = rotation in radians. A log-scale: the
+  identity is all zeros and every real value is a valid positive scale. r turns x towards y,
+  which is down: the sampled locations turn clockwise on screen, so the output's content turns
+  counter-clockwise by r (r = pi/2 is torch.rot90 of a square image).
 - ``rigid``: (rotation, tx, ty), P = 3; the similarity with log_scale = 0.
 
 Every kind's identity (``identity(kind)``) gives the grid of pixel centres itself.
@@ -52,7 +50,7 @@ class Kind:
     """
 
     name: str
-    param_names: tuple[str, ...]  # one per parameter, in layout order; P = len(param_names)
+    names: str  # a name per parameter, space-separated, in layout order; P is their number
     identity: Callable[..., Tensor]
     grid: Callable[[Tensor, tuple[int, int]], Tensor]
     label: str  # in table rows: "ST-CNN Aff"
@@ -168,36 +166,26 @@ def _constant(*values: float) -> Callable[..., Tensor]:
     return partial(torch.tensor, [float(v) for v in values])
 
 
-_TPS_NAMES = tuple(f"{axis}{i:02d}" for i in range(TPS_GRID * TPS_GRID) for axis in "xy")
+_TPS_NAMES = " ".join(f"{axis}{i:02d}" for i in range(TPS_GRID * TPS_GRID) for axis in "xy")
 
 # The registry of transform kinds: a new kind is one row here (and a conf/transform/ file).
 KINDS: dict[str, Kind] = {
     k.name: k
     for k in (
-        Kind(
-            "affine",
-            ("a11", "a12", "tx", "a21", "a22", "ty"),
-            _constant(1, 0, 0, 0, 1, 0),
-            _affine_grid,
-            "Aff",
-        ),
-        Kind("attention", ("s", "tx", "ty"), _constant(1, 0, 0), _attention_grid, "Att"),
+        Kind("affine", "a11 a12 tx a21 a22 ty", _constant(1, 0, 0, 0, 1, 0), _affine_grid, "Aff"),
+        Kind("attention", "s tx ty", _constant(1, 0, 0), _attention_grid, "Att"),
         Kind(
             "projective",
-            ("h11", "h12", "h13", "h21", "h22", "h23", "h31", "h32"),
+            "h11 h12 h13 h21 h22 h23 h31 h32",
             _constant(1, 0, 0, 0, 1, 0, 0, 0),
             _projective_grid,
             "Proj",
         ),
         Kind("tps", _TPS_NAMES, _tps_identity, _tps_grid, "TPS"),
         Kind(
-            "similarity",
-            ("log_scale", "rotation", "tx", "ty"),
-            _constant(0, 0, 0, 0),
-            _similarity_grid,
-            "Sim",
+            "similarity", "log_scale rotation tx ty", _constant(0, 0, 0, 0), _similarity_grid, "Sim"
         ),
-        Kind("rigid", ("rotation", "tx", "ty"), _constant(0, 0, 0), _rigid_grid, "Rigid"),
+        Kind("rigid", "rotation tx ty", _constant(0, 0, 0), _rigid_grid, "Rigid"),
     )
 }
 
@@ -210,12 +198,12 @@ def _kind(kind: str) -> Kind:
 
 def num_params(kind: str) -> int:
     """Number of parameters P of a transform kind."""
-    return len(_kind(kind).param_names)
+    return len(param_names(kind))
 
 
 def param_names(kind: str) -> list[str]:
     """A name for each of a kind's parameters, in layout order (for logs and histograms)."""
-    return list(_kind(kind).param_names)
+    return _kind(kind).names.split()
 
 
 def identity(kind: str, dtype=torch.float32, device=None) -> Tensor:
@@ -231,7 +219,7 @@ def grid(kind: str, params: Tensor, size: tuple[int, int]) -> Tensor:
     channels-first memory (one GEMM for the whole batch); call .contiguous() before .view() on it.
     """
     entry = _kind(kind)
-    p = len(entry.param_names)
+    p = len(entry.names.split())
     if not isinstance(params, Tensor) or params.ndim != 2 or params.shape[1] != p:
         got = tuple(params.shape) if isinstance(params, Tensor) else type(params).__name__
         raise StnbenchError(f"params for kind {kind!r} must have shape (B, {p}); got {got}")
