@@ -61,16 +61,9 @@ class State:
     loc_dead_units: float | None = None  # share of the localisation net's units that never fired
 
 
-@dataclass
-class Splits:
-    """A run's data on the device: train (redrawn each epoch when data.fresh), val and test."""
-
-    x_train: Tensor  # (N, 1, S, S)
-    y_train: Tensor  # (N,)
-    x_val: Tensor
-    y_val: Tensor
-    x_test: Tensor
-    y_test: Tensor
+# A run's data on the device: split -> (images (N, C, S, S), labels (N,)), for train (redrawn
+# each epoch when data.fresh), val and test
+Splits = dict[str, tuple[Tensor, Tensor]]
 
 
 def settings(cfg: DictConfig) -> dict:
@@ -104,13 +97,9 @@ def before_loc_lr_fix(m) -> bool:
     several transformers trained before commit 666d9d5, when only the first one's localisation
     net got optim.loc_lr_mult's share of the lr and the others the full lr."""
 
-    def given(key):  # the recorded value; None where missing or NaN
-        value = m.get(key)
-        return None if value is None or value != value else value
-
-    several = (given("transformers") or 1) > 1 or given("multi") in (True, 1)
-    fixed = given("loc_lr_every_transformer")
-    return several and given("loc_lr_mult") not in (None, 1) and not fixed
+    m = {k: v for k, v in dict(m).items() if v is not None and v == v}  # NaN: not recorded
+    several = m.get("transformers", 1) > 1 or m.get("multi") in (True, 1)
+    return several and m.get("loc_lr_mult", 1) != 1 and not m.get("loc_lr_every_transformer")
 
 
 def record_failure(cfg: DictConfig, out: Path, error: BaseException) -> dict:
@@ -210,23 +199,22 @@ def load_splits(cfg: DictConfig, dev: torch.device) -> Splits:
         x, y = data.load(c.name, name, c.root, c.seed, dev, rec)
         return x[:limit].to(dev), y[:limit].to(dev)
 
-    train_xy = split("train", c.train_size or data.TRAIN_SIZE)
-    val_xy, test_xy = split("val", cfg.train.val_size), split("test", None)
-    return Splits(*train_xy, *val_xy, *test_xy)
+    sizes = {"train": c.train_size or data.TRAIN_SIZE, "val": cfg.train.val_size, "test": None}
+    return {name: split(name, limit) for name, limit in sizes.items()}
 
 
 def batches(cfg: DictConfig, d: Splits, start: int):
     """The batches (x (B, 1, S, S), y (B,)) of steps start, start + 1, ...: step s's batch is a
     pure function of (seed, epoch, position), and of the epoch's fresh draw when data.fresh."""
-    n, b, c, dev = len(d.x_train), cfg.train.batch_size, cfg.data, d.x_train.device
+    (x, y), b, c = d["train"], cfg.train.batch_size, cfg.data
+    n, dev = len(x), x.device
     per_epoch, step = n // b, start
     while True:
         epoch = step // per_epoch
         order = torch.randperm(n, generator=torch.Generator().manual_seed(
             cfg.seed * 1_000_003 + epoch)).to(dev)  # fmt: skip
-        x, y = d.x_train, d.y_train
         if c.fresh:  # a fresh draw's labels too: addition draws new partners each epoch
-            x, y = data.fresh(c.name, "train", epoch, c.root, c.seed, dev, recipe_of(cfg))
+            x, y = data.load(c.name, "train", c.root, c.seed, dev, recipe_of(cfg), epoch)
             x, y = x.to(dev), y.to(dev)
         for j in range(step % per_epoch, per_epoch):
             idx = order[j * b : (j + 1) * b]
@@ -464,17 +452,17 @@ def validate(r: Run) -> None:
     model, d, t, state, writer = r.evaluated, r.d, r.cfg.train, r.state, r.writer
     step = state.step
     model.eval()
-    loss, err = evaluate(model, d.x_val, d.y_val, t.eval_batch_size)
+    loss, err = evaluate(model, *d["val"], t.eval_batch_size)
     writer.add_scalar("val/loss", loss, step)
     writer.add_scalar("val/error", err, step)
     writer.add_scalar("time/seconds", state.seconds, step)  # the loop's wall time so far
     line = f"step {step}: val loss {loss:.4f}, error {err:.2f}%"
     if models.is_st(r.cfg.model.name):
-        _, err_raw = evaluate(model.untransformed, d.x_val, d.y_val, t.eval_batch_size)
+        _, err_raw = evaluate(model.untransformed, *d["val"], t.eval_batch_size)
         writer.add_scalar("val/error_untransformed", err_raw, step)
         several = len(model.transformers) > 1  # one transformer: its tags as they always were
         distance, spread, dead = zip(*(
-            diagnose(tr, d.x_val, t.eval_batch_size, writer, step, f"t{i + 1}/" * several)
+            diagnose(tr, d["val"][0], t.eval_batch_size, writer, step, f"t{i + 1}/" * several)
             for i, tr in enumerate(model.transformers)
         ), strict=True)  # fmt: skip
         # a run is as alive as its least alive transformer
@@ -518,19 +506,17 @@ def finish(r: Run) -> dict:
         if state.last_val and state.last_val[0] == state.step:  # validated at the end
             final["val_loss"], final["val_error"] = state.last_val[1:]
         else:
-            final["val_loss"], final["val_error"] = evaluate(model, d.x_val, d.y_val, batch)
-        final["test_loss"], final["test_error"] = evaluate(model, d.x_test, d.y_test, batch)
+            final["val_loss"], final["val_error"] = evaluate(model, *d["val"], batch)
+        final["test_loss"], final["test_error"] = evaluate(model, *d["test"], batch)
         if models.is_st(cfg.model.name):
-            _, final["test_error_untransformed"] = evaluate(
-                model.untransformed, d.x_test, d.y_test, batch
-            )
+            _, final["test_error_untransformed"] = evaluate(model.untransformed, *d["test"], batch)
     best_test = None
     if state.best_model is not None and state.best_step == state.step and final:
         best_test = final["test_error"]  # the final model is the best one
     elif state.best_model is not None:
         model.load_state_dict(state.best_model)
-        _, best_test = evaluate(model, d.x_test, d.y_test, batch)
-    train_seconds = max(state.seconds - state.eval_seconds, 1e-9)
+        _, best_test = evaluate(model, *d["test"], batch)
+    train_seconds, spread = max(state.seconds - state.eval_seconds, 1e-9), state.transform_spread
     metrics = {
         "status": state.status,
         "reason": state.reason,
@@ -541,11 +527,9 @@ def finish(r: Run) -> dict:
         "best_step": state.best_step if best_test is not None else None,
         "test_error_untransformed": final.get("test_error_untransformed"),
         "collapsed_at": state.collapsed_at,
-        "transform_spread": state.transform_spread,  # at the last validation (ST models)
+        "transform_spread": spread,  # at the last validation (ST models)
         "loc_dead_units": state.loc_dead_units,
-        "transformer_dead": None
-        if state.transform_spread is None
-        else state.transform_spread < DEAD_SPREAD,
+        "transformer_dead": None if spread is None else spread < DEAD_SPREAD,
         "params": models.count(model),
         "steps": state.step,
         "seconds": round(state.seconds, 2),

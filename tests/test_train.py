@@ -335,9 +335,9 @@ def test_ema_is_what_is_evaluated_and_resumes_exactly(mnist_root, tmp_path, monk
     ema = loop.make_ema(model, 0.9)
     ema.load_state_dict(ckpt["ema"])
     d = loop.load_splits(cfg, cpu)
-    _, test_ema = loop.evaluate(ema.module.eval(), d.x_test, d.y_test, 1000)
+    _, test_ema = loop.evaluate(ema.module.eval(), *d["test"], 1000)
     model.load_state_dict(ckpt["model"])
-    _, test_raw = loop.evaluate(model.eval(), d.x_test, d.y_test, 1000)
+    _, test_raw = loop.evaluate(model.eval(), *d["test"], 1000)
     assert whole["test_error"] == test_ema != test_raw  # the average is tested, not the weights
     assert int(ckpt["ema"]["n_averaged"]) == 40
 
