@@ -1,13 +1,8 @@
 """Error tables from what runs wrote: every metrics.json below some folders, in the paper's layout.
 
-``collect(dirs)`` reads the runs into a pandas DataFrame (one row per run folder: finished runs
-from their metrics.json, unfinished ones from Hydra's .hydra/config.yaml); ``cells(runs)`` makes
-one row per (model row, distortion): mean and std of the final test error over the runs that
-ended ``ok``, their number, the other runs counted by status, the paper's number and our
-difference. Where a cell's runs differ in learning rate, the cell uses the learning rate with the
-lowest mean validation error (model selection on validation, never on test); ``by_lr`` keeps
-them all. ``write(runs, out)`` writes table.csv, table.md, table.tex, runs.csv and, when learning
-rates differ, table_lr.csv, table_lr.md and lr.png.
+``collect(dirs)`` reads the runs into a pandas DataFrame, ``cells(runs)`` makes the table's cells
+(``by_lr`` one per learning rate) and ``write(runs, out)`` the files; what each file holds and how
+a cell is read and its learning rate chosen: docs/sweeps.md, "stnbench-report".
 """
 
 import json
@@ -161,21 +156,17 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
 
 def _order(runs: pd.DataFrame) -> tuple[list[str], list[str]]:
     """Rows and columns present, the paper's first in its order, then the others by name."""
-    paper_rows = list(PAPER)
-    rows = sorted(set(runs.row), key=lambda r: (paper_rows.index(r) if r in paper_rows else 99, r))
-    known = list(COLUMNS)
-    cols = sorted(set(runs["data"]), key=lambda c: (known.index(c) if c in known else 99, c))
-    return rows, cols
+
+    def known_first(values, known: list) -> list:
+        return sorted(set(values), key=lambda v: (known.index(v) if v in known else 99, v))
+
+    return known_first(runs.row, list(PAPER)), known_first(runs["data"], list(COLUMNS))
 
 
 def _stats(group: pd.DataFrame) -> dict:
-    ok = group[group.status == "ok"]
-    errors = ok.test_error.astype(float)
-    out = {
-        "mean": errors.mean() if len(ok) else math.nan,
-        "std": errors.std() if len(ok) > 1 else math.nan,  # over seeds (n - 1)
-        "n": len(ok),
-    }
+    errors = group.test_error[group.status == "ok"].astype(float)
+    # none ok: mean NaN; one: std NaN (over seeds, n - 1)
+    out = {"mean": errors.mean(), "std": errors.std(), "n": len(errors)}
     for status in STATUSES[1:]:
         out[status] = int((group.status == status).sum())
     out["dead"] = int(group.transformer_dead.eq(True).sum())
@@ -224,9 +215,8 @@ def cells(runs: pd.DataFrame, per_lr: pd.DataFrame | None = None) -> pd.DataFram
                 best = options.sort_values(["score", "lr"]).iloc[0]
                 cell.update(best.drop(["row", "data", "score"]).to_dict())
                 cell["lrs"] = len(options)
-            paper = PAPER.get(row, {}).get(data, math.nan)
-            cell["paper"] = paper
-            cell["diff"] = cell["mean"] - paper
+            cell["paper"] = PAPER.get(row, {}).get(data, math.nan)
+            cell["diff"] = cell["mean"] - cell["paper"]
             out.append(cell)
     return pd.DataFrame(out)
 
@@ -257,7 +247,7 @@ def warnings(runs: pd.DataFrame) -> list[str]:
 
 
 def _fmt(x, digits=2) -> str:
-    return "" if x is None or pd.isna(x) else f"{x:.{digits}f}"
+    return "" if pd.isna(x) else f"{x:.{digits}f}"
 
 
 def _flags(cell) -> str:

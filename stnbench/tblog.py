@@ -31,8 +31,7 @@ def outline(images: Tensor, kind: str, params: Tensor, out_size: int) -> Tensor:
     inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
     which = torch.arange(b, device=images.device)[:, None].expand_as(ix)
     drawn = rgb(images).clone()
-    for channel, value in enumerate((1.0, 0.0, 0.0)):
-        drawn[which[inside], channel, iy[inside], ix[inside]] = value
+    drawn[which[inside], :, iy[inside], ix[inside]] = drawn.new_tensor([1.0, 0.0, 0.0])  # red
     return drawn
 
 
@@ -51,8 +50,8 @@ def transform_panel(images: Tensor, out: Tensor, kind: str, params: Tensor) -> T
 
 def write_hparams(writer: SummaryWriter, hparam: dict, metrics: dict) -> None:
     """Hparams and their final metrics into the writer's own run (add_hparams makes a sub-run)."""
-    exp, ssi, sei = hparams(hparam, {f"hparam/{k}": v for k, v in metrics.items()})
-    for summary in (exp, ssi, sei):
+    scalars = {f"hparam/{k}": v for k, v in metrics.items()}
+    for summary in hparams(hparam, scalars):
         writer.file_writer.add_summary(summary)
-    for k, v in metrics.items():
-        writer.add_scalar(f"hparam/{k}", v)
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, value)
