@@ -110,10 +110,10 @@ class Checked:
 
 
 # checks of setting() values; None passes where a setting is optional
-def number(lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False, optional=False):
+def number(lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
     def ok(v):
-        if v is None or isinstance(v, bool) or not isinstance(v, int | float):
-            return v is None and optional
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return False
         above = lo < v if lo_open else lo <= v
         return math.isfinite(v) and above and (v < hi if hi_open else v <= hi)
 
