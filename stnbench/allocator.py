@@ -1,11 +1,10 @@
 """Keep freed memory in the heap (glibc): a training step reallocates the same big buffers.
 
-By default glibc serves large allocations with fresh mmap()s and returns freed memory to the
-OS, so every step page-faults its activation buffers in again. On the 2-core CPU that cost 23%
-of ST-CNN's throughput on RTS and 57% of CNN's on 28x28 (kernel time; 55k-77k minor faults per
-step, none after). ``keep_freed_memory()`` makes glibc serve everything from the heap and never
-trim it; ``restore()`` goes back to glibc's defaults (used for the benchmark's plain baseline).
-Without glibc (macOS, musl) both do nothing.
+By default glibc maps large buffers fresh and returns them when freed, so every step page-faults
+its activations in again. ``keep_freed_memory()`` makes glibc serve everything from the heap and
+never trim it (+23% ST-CNN training throughput on RTS, +57% CNN on 28x28: docs/performance.md);
+``restore()`` goes back to glibc's defaults (the benchmark's plain baseline). Without glibc
+(macOS, musl) both do nothing.
 """
 
 import ctypes

@@ -1,13 +1,11 @@
-"""Learning curves from what runs wrote: validation error against training images seen and
-against the training loop's wall-clock seconds, read from each run's TensorBoard events with
-TensorBoard's own reader, never recomputed.
+"""Learning curves from what runs wrote: validation error against training images seen (step x
+batch size) and against the training loop's wall-clock seconds, read from each run's TensorBoard
+events with TensorBoard's own reader, never recomputed.
 
-``read(runs)`` (runs as stnbench.report.collect gives them) returns one row per (protocol, data,
-row, step): the mean, std, min and max of the validation error over the seeds, their number,
-the images seen (step x batch size) and the mean seconds. A protocol is the folder a run was
-found under (stnbench-report's DIR), so folders holding different protocols draw side by side.
-``plot(frame, path)`` draws them: a row of panels per distortion, error against images and
-against seconds, a line per (row, protocol), the seeds' min-max shaded.
+``read(runs)`` (runs as stnbench.report.collect gives them) averages them over seeds per
+(protocol, data, row, step), a protocol being the folder a run was found under (stnbench-report's
+DIR); ``plot(frame, path)`` draws them. The columns and the figure: docs/sweeps.md,
+"stnbench-report".
 """
 
 import logging

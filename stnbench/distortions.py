@@ -2,21 +2,11 @@
 
 A recipe turns each 28x28 MNIST digit into a canvas x canvas image with one warp, straight from
 the digit into the canvas (affine for rotation, shear, scale and translation; projective for P;
-thin plate spline for E), then optionally adds clutter and clips to [0, 1].
-
-Forward model, in pixels about the image centres: a digit point p lands at A p + t in the canvas,
-with A = R(rotation) Sh(shear) S(scale) and t the shift. The warp itself runs the other way
-(output -> input, stnbench.geometry's convention). On top of that:
-
-- projective (``corner_sigma`` > 0): the digit's 4 corners land at A c + t + e, e ~ N(0, sigma)
-  px per coordinate, and the homography through those 4 pairs is the warp (exact). Offsets that
-  fold the corners into a non-convex quad are drawn again: no homography shows a square that way
-  (the image would tear along the line at infinity); about 1.4% of draws at sigma = 5 px.
-  ``perspective_first`` reads the recipe the other way round: corners moved by sigma on the
-  28 px digit, then scaled, so the offsets shrink with it (sigma x s);
-- tps (``tps_sigma`` > 0): the canvas' 16 regular control points are moved by e ~ N(0, sigma) px
-  before mapping back through the affine part, so each samples the digit at A^-1 (c + e - t)
-  (to first order the same as moving the digit's control points forward by e).
+thin plate spline for E), then optionally adds clutter and clips to [0, 1]. In pixels about the
+image centres a digit point p lands at A p + t, A = R(rotation) Sh(shear) S(scale); the warp
+itself runs the other way (output -> input, stnbench.geometry's convention). docs/datasets.md
+("How a recipe is drawn") gives each recipe's draws: P's corner offsets and their redraws, E's
+control points, TC's clutter.
 
 Random draws are made on the CPU from a torch.Generator, in a fixed order (transform, then
 clutter), so a dataset does not depend on the device the warp runs on, and turning clutter off

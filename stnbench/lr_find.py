@@ -1,20 +1,9 @@
-"""The learning-rate range test (Smith 2017, what fastai's lr_find and Lightning's Tuner.lr_find
-do): a short run of the configured training with the lr rising exponentially from
-``lr_find.start`` to ``lr_find.end``, the loss smoothed (an exponential moving average,
-bias-corrected), stopped once the smoothed loss exceeds ``lr_find.diverge`` times its minimum.
-
-The suggestion is the lr where the smoothed loss falls fastest against log(lr) (Lightning's),
-skipping the first tenth of the steps run and the lrs where the loss is not below the untrained
-model's (a range that diverges from its start has none: then there is no suggestion).
-
-For ST models the test also follows the localisation net: after each step, how far the sampling
-grid of the batch's transforms lies from the identity grid (root mean square, in half-widths of
-the image). A localisation net pushed too hard stops following its input and predicts an
-extreme transform; the lr where that distance, averaged over 5 steps, first passes
-``lr_find.collapse`` is reported, and the suggestion is taken only among the lrs below it. (A
-trained transformer may lie far from the identity, e.g. one undoing R's rotations at about 0.7;
-a range test starts untrained and lasts too few steps for that, so there the distance measures
-a runaway.)
+"""The learning-rate range test (Smith 2017; fastai's lr_find, Lightning's Tuner.lr_find): a short
+run of the configured training, the lr rising exponentially from ``lr_find.start`` to
+``lr_find.end``, one step each, stopped once the smoothed loss passes ``lr_find.diverge`` times
+its lowest. For ST models it also follows how far the localisation nets' sampling grids lie from
+the identity, and suggests an lr only below where that distance passes ``lr_find.collapse``.
+docs/sweeps.md ("The range test") says how the suggestion is chosen and how to read the figure.
 
 Writes ``lr_find.csv`` and ``lr_find.png`` into the run's folder; returns the summary.
 """

@@ -1,15 +1,8 @@
 """The paper's classifiers (FCN, CNN) and their spatial transformer versions, parameter-matched.
 
-Every classification network has three weight layers and ReLUs (Appendix A.4):
-
-- FCN: two hidden fully connected layers of ``width`` units, then the classifier.
-- CNN: conv 9x9 (``width`` filters) -> max-pool 2 -> conv 7x7 (``width`` filters) -> max-pool 2 ->
-  classifier. Unpadded as in the paper; where that stack cannot take the input (a 21x21 image, RTS
-  after the transformer's 2x pooling, would shrink to nothing) both convolutions are padded to
-  keep their size ('same'), which is the smallest change that fits.
-- ST-FCN, ST-CNN: a spatial transformer (stnbench.transformer) at the start, optionally 2x
-  average pooling after it (the paper's choice for RTS and TC), then the FCN or CNN. With
-  ``transformers=N``, N of them side by side, their outputs stacked along channels.
+docs/models.md describes the architectures (Appendix A.4: three weight layers each, ReLUs), the
+transformer options and where the paper does not fit (an unpadded CNN cannot take RTS's 21x21
+after pooling: both convolutions are then padded to keep their size).
 
 Widths are computed, not configured: for each model and input size the classifier's width is
 the integer whose total learnable parameter count (localisation net included) comes nearest the

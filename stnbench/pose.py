@@ -1,13 +1,10 @@
 """Where the digit sits in a spatial transformer's output, measured against the known distortion.
 
-A distorted test set is made by known warps (its recipe and generator draw them again exactly).
 The transformer's sampling grid (output -> canvas) composed with the distortion's warp (canvas ->
-the original 28x28 digit) maps each output pixel to the point of the digit it shows. An affine
-map fitted to that (exact for an affine transformer over an affine distortion; the best affine
-fit for projective and TPS transformers), inverted, says where the digit lands in the output:
-its rotation, its zoom (output pixels per digit pixel) and the offset of its centre from the
-output's centre. A transformer that centres, scales and uprights the digits makes these the same
-for every image, whatever pose the digit had in the input.
+the original 28x28 digit), both known for a fixed affine test set, maps each output pixel to the
+point of the digit it shows. An affine map fitted to that (exact for an affine transformer),
+inverted, gives the digit's rotation, zoom (output pixels per digit pixel) and the offset of its
+centre from the output's centre (docs/training.md, scripts/transformer_outputs.py).
 
 Angles are in degrees, positive clockwise on screen (y points down), as the recipes draw them.
 """

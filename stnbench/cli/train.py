@@ -1,13 +1,9 @@
 """stnbench-train: a Hydra app that trains one configuration, or sweeps many with -m.
 
-Hydra composes the config against stnbench.config's schemas, so an unknown key or a value of the
-wrong type is refused before anything is written; ranges are checked next, before the run's
-folder exists (``Checks.on_run_start``), or for every job before a sweep starts
-(hydra/sweeper=stnbench). Each is one line on stderr and exit status 2. Inside a sweep nothing
-stops the sweep: a job whose input is refused is logged and skipped, and a job that raises is
-recorded as ``status: failed`` in its metrics.json (rerunning the command retries it). A fault
-(a crash, a full disk, an unreadable checkpoint) is one line too, exit status 1, its traceback in
-the run's train.log; Ctrl-C or SIGTERM saves the checkpoint and exits with 130.
+Bad input (an unknown key, a wrong type, a value out of range) is refused before a run's folder
+exists, or for every job before a sweep starts: one line on stderr, exit status 2. In a sweep a
+refused or crashed job is logged and the sweep goes on; what each failure does and its exit
+status: docs/training.md, "Failures are results".
 """
 
 import collections

@@ -1,17 +1,15 @@
-"""hydra/launcher=stnbench, stnbench-train's default. Without a GPU, a sweep's jobs run side by
-side in joblib's worker processes, one per core (``n_jobs``; fewer where memory would not hold
-them at 2 GiB each), each with cores // workers threads. The jobs left over when their count is
-not a multiple of the workers run next, in fewer workers with more threads each, a single one in
-this process with every core, so that a sweep's tail does not run on one thread (it waits for the
-full rounds to end, which costs time when the jobs differ much in length). With a GPU, or one
-job, one after another in this process, as Hydra's sequential launcher.
+"""hydra/launcher=stnbench, stnbench-train's default; what it does for the user, and measured
+against Hydra's launchers: docs/sweeps.md, "Launchers". Without a GPU, a sweep's jobs run in
+joblib's worker processes, one per core (``n_jobs``; fewer where memory would not hold them at
+2 GiB each), each with cores // workers threads; the jobs left over run next in fewer workers
+with more threads each, a single one in this process. With a GPU, or one job, one after another
+in this process, as Hydra's sequential launcher.
 
-Ctrl-C or SIGTERM stops the sweep as it stops one run: the command marks the sweep stopped (a
-file the workers see), every running job saves its checkpoint at its next step and returns, no
-other starts, and rerunning the command resumes them. The workers ignore the signals themselves
-outside a training loop, so a terminal's Ctrl-C, which reaches them too, cannot kill one while
-it starts or evaluates (joblib would then kill the others mid-step). Measured against the
-sequential launcher in docs/sweeps.md. Its config node is stnbench.config.LocalLauncherConf."""
+Ctrl-C or SIGTERM marks the sweep stopped (a file the workers see): every running job saves its
+checkpoint at its next step and returns, and no other starts. The workers ignore the signals
+themselves outside a training loop, so a terminal's Ctrl-C, which reaches them too, cannot kill
+one while it starts or evaluates (joblib would then kill the others mid-step). Its config node
+is stnbench.config.LocalLauncherConf."""
 
 import logging
 import os
