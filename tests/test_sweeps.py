@@ -6,8 +6,10 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import joblib
 import pandas as pd
@@ -232,6 +234,52 @@ def test_the_default_launcher_runs_one_job_per_core_without_a_gpu(monkeypatch):
         assert local_launcher.default_jobs() == jobs
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert local_launcher.default_jobs() == 1  # a GPU holds one run at a time
+
+
+@pytest.mark.parametrize(
+    "values, said",
+    [
+        (
+            [{"status": "ok"}, {"status": "failed"}],
+            "sweep interrupted after its 2 running jobs had",
+        ),
+        ([{"status": "ok"}, None], "sweep interrupted; its running jobs saved their checkpoints"),
+    ],
+    ids=["after every job ended", "while one ran"],
+)
+def test_a_signal_in_a_round_stops_the_sweep_and_says_what_it_stopped(
+    tmp_path, monkeypatch, values, said
+):
+    """A SIGTERM while a round of jobs runs side by side ends the sweep (exit 130); where every
+    job had ended by then (none returned None, as a stopped or never started one does), it says
+    so rather than that they saved their checkpoints."""
+    from hydra_plugins.stnbench_launcher import local_launcher
+    from omegaconf import OmegaConf
+
+    from stnbench.errors import Interrupted
+
+    def round_then_signal(n_jobs):
+        def run(jobs):
+            stop_file = local_launcher.Path(local_launcher.tempfile.gettempdir())
+            stop_file /= f"stnbench-sweep-{os.getpid()}.stop"
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.time() + 5
+            while not stop_file.exists():  # the launcher's handler marks the sweep stopped
+                assert time.time() < deadline, "the signal did not mark the sweep stopped"
+                time.sleep(0.01)
+            return [JobReturn(status=JobStatus.COMPLETED, _return_value=v) for v in values]
+
+        return run
+
+    monkeypatch.setattr(joblib, "Parallel", round_then_signal)
+    monkeypatch.setattr(local_launcher, "configure_log", lambda *args: None)
+    launcher = local_launcher.LocalLauncher(n_jobs=2)
+    hydra = {"sweep": {"dir": str(tmp_path)}, "hydra_logging": {}, "verbose": False}
+    launcher.setup(
+        hydra_context=None, task_function=None, config=OmegaConf.create({"hydra": hydra})
+    )
+    with pytest.raises(Interrupted, match=re.escape(said)):
+        launcher.side_by_side([["seed=0"], ["seed=1"]], 0, 2)
 
 
 def test_jobs_that_ran_elsewhere_are_counted_from_what_they_returned(tmp_path, monkeypatch):

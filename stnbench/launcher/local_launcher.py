@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.singleton import Singleton
-from hydra.core.utils import configure_log, setup_globals
+from hydra.core.utils import JobStatus, configure_log, setup_globals
 from hydra.plugins.launcher import Launcher
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,14 @@ class LocalLauncher(Launcher):
             ) from error
         if error is not None and not isinstance(error, KeyboardInterrupt):
             raise error
-        if stopping:
+        if stopping:  # a job it stopped, or kept from starting, returned None
+            if error is None and all(
+                r.status == JobStatus.COMPLETED and r.return_value is not None for r in returns
+            ):  # the signal came after the round's last job had ended
+                raise Interrupted(
+                    f"sweep interrupted after its {len(returns)} running jobs had ended; rerun "
+                    "the same command to run any left (of the ended, only failed ones train again)"
+                )
             raise Interrupted(
                 "sweep interrupted; its running jobs saved their checkpoints (each job's line "
                 "above says at which step): rerun the same command to resume"
