@@ -14,10 +14,10 @@ def main() -> int:
         prog=PROG,
         description="Read every metrics.json below the folders (single runs and sweeps mixed) "
         "and write the error table in the paper's layout: table.csv, table.md, table.tex "
-        "(booktabs) and runs.csv; where learning rates differ, also table_lr.csv, table_lr.md "
-        "and lr.png. Cells: mean +- std of the final test error over the runs that ended ok, "
-        "their number, the runs that collapsed, diverged, failed or are unfinished, the paper's "
-        "number and the difference.",
+        "(booktabs) and runs.csv; where runs logged validations, curves.csv and curves.png; "
+        "where learning rates differ, also table_lr.csv, table_lr.md and lr.png. Cells: mean +- "
+        "std of the final test error over the runs that ended ok, their number, the runs that "
+        "collapsed, diverged, failed or are unfinished, the paper's number and the difference.",
     )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders of runs")
     parser.add_argument(
