@@ -260,11 +260,11 @@ def test_a_signal_in_a_round_stops_the_sweep_and_says_what_it_stopped(
 
     def round_then_signal(n_jobs):
         def run(jobs):
-            stop_file = local_launcher.Path(local_launcher.tempfile.gettempdir())
-            stop_file /= f"stnbench-sweep-{os.getpid()}.stop"
             os.kill(os.getpid(), signal.SIGTERM)
             deadline = time.time() + 5
-            while not stop_file.exists():  # the launcher's handler marks the sweep stopped
+            while (
+                not local_launcher.stop_mark().exists()
+            ):  # the launcher's handler marks the sweep stopped
                 assert time.time() < deadline, "the signal did not mark the sweep stopped"
                 time.sleep(0.01)
             return [JobReturn(status=JobStatus.COMPLETED, _return_value=v) for v in values]

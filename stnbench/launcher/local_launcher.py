@@ -54,6 +54,11 @@ def worker_start(stop_file: str) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+def stop_mark() -> Path:
+    """The file that marks this process's sweep stopped (what ``STOP`` is in its workers)."""
+    return Path(tempfile.gettempdir()) / f"stnbench-sweep-{os.getpid()}.stop"
+
+
 def stop_requested() -> bool:
     """Whether this process is a worker of a sweep that was stopped."""
     return STOP is not None and STOP.exists()
@@ -107,7 +112,7 @@ class LocalLauncher(Launcher):
         Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
         threads = max(1, joblib.cpu_count() // workers)
         log.info(f"Launching {len(jobs)} jobs, {workers} at once, {threads} threads each")
-        stop_file = Path(tempfile.gettempdir()) / f"stnbench-sweep-{os.getpid()}.stop"
+        stop_file = stop_mark()
         stop_file.unlink(missing_ok=True)
         state, error = Singleton.get_state(), None
         config = {"inner_max_num_threads": threads, "idle_worker_timeout": 10}
@@ -139,7 +144,7 @@ class LocalLauncher(Launcher):
             ):  # the signal came after the round's last job had ended
                 raise Interrupted(
                     f"sweep interrupted after its {len(returns)} running jobs had ended; rerun "
-                    "the same command to run any left (of the ended, only failed ones train again)"
+                    "the same command to run any left (an ended job trains again only if it failed)"
                 )
             raise Interrupted(
                 "sweep interrupted; its running jobs saved their checkpoints (each job's line "
