@@ -43,6 +43,8 @@ class Data(Checked):
         super().__post_init__()
         data.recipe(self.name)
         mnist.data_root(self.root)
+        if self.fresh and self.recipe is None:
+            raise self.bad("fresh", "false for plain MNIST, which has no distortion to draw")
 
 
 @dataclass
@@ -106,6 +108,10 @@ class Collapse(Checked):
     error: float = setting(80.0, "a number in (0, 100]", number(0, 100, lo_open=True))
     patience: int = setting(3, POSITIVE, integer(1))
     stop: bool = setting(True, BOOL)
+    # the share of train.steps in which a run near chance from its start is a slow start, not a
+    # collapse (MNIST addition sits at chance for thousands of steps); a run that had learned, or
+    # whose transformer outputs blank images, collapses at once (docs/training.md)
+    grace: float = setting(0.25, "a number in [0, 1]", number(0, 1))
 
 
 @dataclass
@@ -225,7 +231,9 @@ def unpinned_sweeps(config: DictConfig) -> dict[str, str]:
     """The sweeps a config brings (hydra.sweeper.params, e.g. an experiment's ``seed: 0,1,2``)
     that the command line did not pin to one value: key -> the sweep."""
     asked = {override.split("=", 1)[0].lstrip("+~") for override in config.hydra.overrides.task}
-    params = config.hydra.sweeper.get("params") or {}
+    params = dict(config.hydra.sweeper.get("params") or {})
+    for grid in config.hydra.sweeper.get("grids") or []:  # the grids together sweep their keys
+        params |= {k: f"{params[k]},{v}" if k in params else str(v) for k, v in grid.items()}
     return {
         key: str(value) for key, value in params.items()
         if key not in asked and any(c in str(value) for c in ",(")
@@ -276,6 +284,7 @@ class CheckedSweeperConf:
     _target_: str = "hydra_plugins.stnbench_launcher.checked_sweeper.CheckedSweeper"
     max_batch_size: int | None = None
     params: dict[str, str] | None = None
+    grids: list[dict[str, str]] | None = None  # a union of products, each with params
 
 
 @dataclass

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from stnbench import mnist
-from stnbench.distortions import DIGIT, Recipe, compose, generator
+from stnbench.distortions import DIGIT, Draw, Recipe, compose, generator
 from stnbench.errors import StnbenchError, one_line
 from stnbench.files import atomic_path
 
@@ -128,8 +128,9 @@ def load(
     if rec is None:
         return _digits(split, root)
     if epoch is not None:
-        draw = generator(rec, f"{split}/epoch{epoch}", seed)
-        return compose(rec, *_digits(split, root), draw, device)
+        return compose(
+            rec, *_digits(split, root), generator(rec, f"{split}/epoch{epoch}", seed), device
+        )
     path = cache_path(name, split, root, seed, rec)
     if path.exists():  # the cache holds the labels too: MNIST is read only to build
         images, labels = _read_cache(path, SPLIT_SIZES[split], rec)
@@ -139,3 +140,19 @@ def load(
         with atomic_path(path) as tmp:
             torch.save({"images": images, "labels": labels, "recipe": rec.key_digest()}, tmp)
     return images.to(torch.float32).div_(255), labels
+
+
+def draw(
+    name: str,
+    split: str,
+    root: str | os.PathLike | None = None,
+    seed: int = 0,
+    recipe: Recipe | None = None,
+    epoch: int = 0,
+) -> Draw:
+    """The fresh draw of a train or val split for ``epoch``, rendered on demand:
+    ``draw(...).images(idx, device)`` is ``load(..., epoch=epoch)[0][idx]``."""
+    rec = _resolve(name, split, seed, recipe)
+    if rec is None or split == "test":
+        raise StnbenchError(f"fresh draws are of distorted train or val splits; got {name}/{split}")
+    return Draw(rec, *_digits(split, root), generator(rec, f"{split}/epoch{epoch}", seed))

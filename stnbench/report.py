@@ -38,7 +38,7 @@ LEGEND = (
     "brackets the runs that collapsed, diverged, failed, are unfinished or unreadable; `@ lr`: "
     "the learning rate chosen on validation. Paper: Jaderberg et al. 2015, Table 1 (TC: the "
     "text; Addition: Appendix A.1), 150,000 steps of 256; `ours:` beside it where the cell's "
-    "runs trained another budget."
+    "runs trained another budget, or on fresh distortions every epoch rather than a fixed set."
 )
 REQUIRED = ("status", "data", "model", "lr", "seed")  # what every run's row needs
 STATUSES = ("ok", "collapsed", "diverged", "failed", "unfinished", "unreadable")
@@ -46,8 +46,9 @@ STATUSES = ("ok", "collapsed", "diverged", "failed", "unfinished", "unreadable")
 # transformer stopped following its input (metrics.json's transformer_dead)
 FLAGS = {**{s: s for s in STATUSES[1:]}, "dead": "dead transformer"}
 # Settings that should agree within one cell; the report warns where they do not.
-BUDGET = ("optim", "schedule", "planned_steps", "batch_size", "train_size", "loc_lr_mult")
+BUDGET = ("optim", "schedule", "planned_steps", "batch_size", "train_size", "loc_lr_mult", "fresh")
 SEARCHED = "searched"  # a row's loc_lr_mult when its runs are a search's trials
+REGIMES = {False: "fixed set", True: "fresh draws"}  # metrics.json's fresh: the data regime
 
 
 def row_label(
@@ -98,6 +99,14 @@ def _unfinished(folder: Path) -> dict | None:
     return {"status": "unfinished", "reason": reason, **m}
 
 
+def _fresh(folder: Path) -> bool:
+    """Whether a run trained on fresh draws, from its Hydra config (False where it has none)."""
+    try:
+        return OmegaConf.load(folder / ".hydra" / "config.yaml").data.get("fresh") is True
+    except Exception:  # no config, or not a training run's
+        return False
+
+
 def collect(dirs: list[str | Path]) -> pd.DataFrame:
     """One row per run folder below ``dirs``: its metrics.json, or an unfinished Hydra run."""
     records, unreadable = {}, []
@@ -120,6 +129,8 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
                 if (m := _unfinished(path.parent)) is None:
                     continue
                 m.update(status="unreadable", reason=problem)
+            if "fresh" not in m:  # written before metrics.json recorded the data regime
+                m["fresh"] = _fresh(path.parent)
             records[folder] = {**m, "path": str(path.parent), "source": str(d)}
         for hydra_dir in sorted(d.rglob(".hydra")):
             folder = hydra_dir.parent.resolve()
@@ -133,7 +144,7 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
     runs = pd.DataFrame(list(records.values()))
     optional = ("transform", "residual", "tanh", "loc_lr_mult", "test_error", "val_error",
                 "transformer_dead", "searched", "transformers", "multi",
-                "loc_lr_every_transformer")  # fmt: skip
+                "loc_lr_every_transformer", "fresh")  # fmt: skip
     runs = runs.assign(**{k: None for k in optional if k not in runs})
     runs.attrs["unreadable"] = unreadable  # warnings() names them
     loc = runs.loc_lr_mult.astype(float).fillna(1.0)  # not recorded: written before it was 1
@@ -172,6 +183,7 @@ def _stats(group: pd.DataFrame) -> dict:
     out["dead"] = int(group.transformer_dead.eq(True).sum())
     budget = group.reindex(columns=["planned_steps", "batch_size"])
     out["budget"] = "; ".join(sorted({_budget(*b) for b in budget.itertuples(index=False)} - {""}))
+    out["regime"] = "; ".join(sorted({REGIMES[f is True] for f in group.fresh}))
     return out
 
 
@@ -209,7 +221,8 @@ def cells(runs: pd.DataFrame, per_lr: pd.DataFrame | None = None) -> pd.DataFram
             options = per_lr[(per_lr.row == row) & (per_lr["data"] == data)]
             cell = {"row": row, "data": data}
             if options.empty:
-                cell.update(mean=math.nan, std=math.nan, n=0, lr=math.nan, lrs=0, budget="")
+                cell.update(mean=math.nan, std=math.nan, n=0, lr=math.nan, lrs=0, budget="",
+                            regime="")  # fmt: skip
                 cell.update(dict.fromkeys(FLAGS, 0))
             else:
                 best = options.sort_values(["score", "lr"]).iloc[0]
@@ -270,7 +283,8 @@ def wide(table: pd.DataFrame) -> pd.DataFrame:
     for data in dict.fromkeys(table["data"]):
         part, name = table[table["data"] == data].set_index("row"), COLUMNS.get(data, data)
         shown = {"": part["mean"].round(3), " std": part["std"].round(3), " n": part.n.astype(int),
-                 " paper": part.paper, " budget": part.budget, " diff": part["diff"].round(3),
+                 " paper": part.paper, " budget": part.budget, " data": part.regime,
+                 " diff": part["diff"].round(3),
                  " lr": part.lr, " not ok": part.apply(_flags, axis=1)}  # fmt: skip
         out = out.assign(**{name + suffix: values for suffix, values in shown.items()})
     return out
@@ -282,7 +296,9 @@ def _shown(table: pd.DataFrame, pm="±", diff="{:+.2f}") -> pd.DataFrame:
     for _, c in table.iterrows():
         name = COLUMNS.get(c["data"], c["data"])
         paper = _fmt(c.paper, 1)
-        paper += f" (ours: {c.budget})" if paper and c.budget else ""
+        ours = [c.budget] if c.budget else []
+        ours += [c.regime] if REGIMES[True] in c.regime else []  # a fixed set is the default
+        paper += f" (ours: {', '.join(ours)})" if paper and ours else ""
         shown = {
             "ours": _ours(c, pm) + (f" @ lr {c.lr:g}" if c.lrs > 1 else ""),
             "paper": paper,

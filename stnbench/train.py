@@ -36,7 +36,7 @@ from stnbench.config import recipe_of, recorded
 from stnbench.errors import Fault, Interrupted, StnbenchError, describe, one_line
 from stnbench.files import atomic_path
 from stnbench.optim import lr_factor, make_optimizer, set_lr
-from stnbench.transformer import DEAD_SPREAD, liveness
+from stnbench.transformer import BLANK_INK, DEAD_SPREAD, ink, liveness
 
 log = logging.getLogger(__name__)
 HPARAMS = ("data", "model", "optim", "lr", "loc_lr_mult", "schedule", "batch_size", "train_size")
@@ -59,6 +59,7 @@ class State:
     last_val: list | None = None  # [step, loss, error] of the latest validation
     transform_spread: float | None = None  # ST models, latest validation: see transformer.liveness
     loc_dead_units: float | None = None  # share of the localisation net's units that never fired
+    transform_ink: float | None = None  # ST models, latest validation: see transformer.ink
 
 
 # A run's data on the device: split -> (images (N, C, S, S), labels (N,)), for train (redrawn
@@ -87,6 +88,7 @@ def settings(cfg: DictConfig) -> dict:
         "train_size": min(cfg.data.train_size or data.TRAIN_SIZE, data.TRAIN_SIZE),
         "seed": cfg.seed,
         "data_seed": cfg.data.seed,
+        "fresh": bool(cfg.data.fresh),  # the data regime: a new draw every epoch, or a fixed set
         "searched": bool(cfg.get("optimized_metric")),  # a trial of a search (hparams_search)
         "torch": torch.__version__,
     }
@@ -193,32 +195,39 @@ def finished(out: Path) -> dict | None:
 
 
 def load_splits(cfg: DictConfig, dev: torch.device) -> Splits:
+    """The run's val and test splits, and its fixed training set unless data.fresh (batches
+    draws those)."""
     rec, c = recipe_of(cfg), cfg.data
 
     def split(name: str, limit: int | None):
         x, y = data.load(c.name, name, c.root, c.seed, dev, rec)
         return x[:limit].to(dev), y[:limit].to(dev)
 
-    sizes = {"train": c.train_size or data.TRAIN_SIZE, "val": cfg.train.val_size, "test": None}
+    sizes = {"val": cfg.train.val_size, "test": None}
+    if not c.fresh:
+        sizes["train"] = c.train_size or data.TRAIN_SIZE
     return {name: split(name, limit) for name, limit in sizes.items()}
 
 
 def batches(cfg: DictConfig, d: Splits, start: int):
-    """The batches (x (B, 1, S, S), y (B,)) of steps start, start + 1, ...: step s's batch is a
-    pure function of (seed, epoch, position), and of the epoch's fresh draw when data.fresh."""
-    (x, y), b, c = d["train"], cfg.train.batch_size, cfg.data
-    n, dev = len(x), x.device
+    """The batches (x (B, C, S, S), y (B,)) of steps start, start + 1, ...: step s's batch is a
+    pure function of (seed, epoch, position), and of the epoch's fresh draw when data.fresh,
+    whose images are rendered a batch at a time (stnbench.distortions.Draw)."""
+    b, c, dev = cfg.train.batch_size, cfg.data, d["val"][0].device
+    n = min(c.train_size or data.TRAIN_SIZE, data.TRAIN_SIZE)
     per_epoch, step = n // b, start
     while True:
         epoch = step // per_epoch
         order = torch.randperm(n, generator=torch.Generator().manual_seed(
             cfg.seed * 1_000_003 + epoch)).to(dev)  # fmt: skip
         if c.fresh:  # a fresh draw's labels too: addition draws new partners each epoch
-            x, y = data.load(c.name, "train", c.root, c.seed, dev, recipe_of(cfg), epoch)
-            x, y = x.to(dev), y.to(dev)
+            fresh = data.draw(c.name, "train", c.root, c.seed, recipe_of(cfg), epoch)
         for j in range(step % per_epoch, per_epoch):
             idx = order[j * b : (j + 1) * b]
-            yield x[idx], y[idx]
+            if c.fresh:
+                yield fresh.images(idx.cpu(), dev), fresh.labels[idx.cpu()].to(dev)
+            else:
+                yield d["train"][0][idx], d["train"][1][idx]
         step = (epoch + 1) * per_epoch
 
 
@@ -429,8 +438,8 @@ def log_training(r: Run) -> None:
 def diagnose(t, x: Tensor, batch: int, writer, step: int, tag: str = "") -> tuple[float, ...]:
     """One transformer's diagnostics on x to TensorBoard, under ``tag`` (``t2/``: the second of
     several side by side): each parameter's histogram and spread, the distance from the
-    identity, the localisation net's dead units, 8 inputs beside its outputs. Returns the mean
-    distance, the largest spread and the share of dead units."""
+    identity, the localisation net's dead units, its outputs' ink, 8 inputs beside its outputs.
+    Returns the mean distance, the largest spread, the share of dead units and the ink."""
     params, fired = liveness(t, x, batch)  # (N, P), (U,)
     distance = (params - t.identity).norm(dim=1).mean().item()
     spread = params.std(0)  # (P,): how much each parameter follows the input
@@ -438,12 +447,14 @@ def diagnose(t, x: Tensor, batch: int, writer, step: int, tag: str = "") -> tupl
         writer.add_histogram(f"theta/{tag}{name}", params[:, i], step)
         writer.add_scalar(f"transform_spread/{tag}{name}", spread[i], step)
     writer.add_scalar(f"transform/{tag}identity_distance", distance, step)
+    share = ink(t, x[:batch])
+    writer.add_scalar(f"transform/{tag}ink", share, step)
     with torch.no_grad():
         shown, p = t(x[:8])
     writer.add_image(
         f"transform/{tag}inputs_and_outputs", tblog.transform_panel(x[:8], shown, t.kind, p), step
     )
-    return distance, spread.max().item(), 1 - fired.float().mean().item()
+    return distance, spread.max().item(), 1 - fired.float().mean().item(), share
 
 
 def validate(r: Run) -> None:
@@ -461,17 +472,18 @@ def validate(r: Run) -> None:
         _, err_raw = evaluate(model.untransformed, *d["val"], t.eval_batch_size)
         writer.add_scalar("val/error_untransformed", err_raw, step)
         several = len(model.transformers) > 1  # one transformer: its tags as they always were
-        distance, spread, dead = zip(*(
+        distance, spread, dead, shares = zip(*(
             diagnose(tr, d["val"][0], t.eval_batch_size, writer, step, f"t{i + 1}/" * several)
             for i, tr in enumerate(model.transformers)
         ), strict=True)  # fmt: skip
         # a run is as alive as its least alive transformer
         state.transform_spread, state.loc_dead_units = min(spread), max(dead)
+        state.transform_ink = min(shares)
         writer.add_scalar("transform/spread", state.transform_spread, step)
         writer.add_scalar("transform/dead_units", state.loc_dead_units, step)
         line += f" (untransformed {err_raw:.2f}%), distance from identity "
         line += f"{', '.join(f'{v:.3f}' for v in distance)}, spread {state.transform_spread:.2g}, "
-        line += f"dead units {state.loc_dead_units:.0%}"
+        line += f"dead units {state.loc_dead_units:.0%}, ink {state.transform_ink:.2f}"
     log.info("%s", line)
     model.train()
     state.last_val = [step, loss, err]
@@ -483,14 +495,18 @@ def validate(r: Run) -> None:
         state.best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
     c = t.collapse
     state.streak = state.streak + 1 if err >= c.error else 0
-    if state.streak >= c.patience and state.collapsed_at is None:
+    # near chance for patience validations is a collapse once the run has learned and lost it,
+    # its transformer outputs blank images, or it is past its grace: else a slow start
+    relapsed = state.best_val_error < c.error
+    blank = state.transform_ink is not None and state.transform_ink < BLANK_INK
+    late = step >= c.grace * t.steps
+    if state.streak >= c.patience and state.collapsed_at is None and (relapsed or blank or late):
         state.collapsed_at = step
-        log.warning("collapse at step %d: validation error >= %g%% for %d validations",
-                    step, c.error, state.streak)  # fmt: skip
-    if state.collapsed_at is not None and c.stop:
-        state.status = "collapsed"
-        state.reason = f"validation error >= {c.error:g}% for {c.patience} validations by step "
-        state.reason += str(step)
+        why = "it had learned" if relapsed else "blank transformer outputs" if blank else "late"
+        line = f"validation error >= {c.error:g}% for {c.patience} validations by step {step}"
+        log.warning("collapse: %s (%s)", line, why)
+        if c.stop:
+            state.status, state.reason = "collapsed", f"{line} ({why})"
 
 
 def finish(r: Run) -> dict:
@@ -528,6 +544,7 @@ def finish(r: Run) -> dict:
         "test_error_untransformed": final.get("test_error_untransformed"),
         "collapsed_at": state.collapsed_at,
         "transform_spread": spread,  # at the last validation (ST models)
+        "transform_ink": state.transform_ink,
         "loc_dead_units": state.loc_dead_units,
         "transformer_dead": None if spread is None else spread < DEAD_SPREAD,
         "params": models.count(model),

@@ -98,6 +98,15 @@ class SpatialTransformer(nn.Module):
 
 
 DEAD_SPREAD = 1e-5  # a transformer whose every parameter varies less than this is dead
+BLANK_INK = 0.1  # a transformer whose outputs hold less than this share of the input's mean ink
+# samples blank space (it flew off, or zoomed out to a dot): a collapse, whatever the budget
+
+
+@torch.no_grad()
+def ink(t: "SpatialTransformer", x: Tensor) -> float:
+    """The mean intensity of the transformer's outputs for inputs x over that of x (~1 near the
+    identity, more when it zooms in, ~0 when it samples blank space)."""
+    return (t(x)[0].mean() / x.mean().clamp_min(1e-12)).item()
 
 
 @torch.no_grad()

@@ -253,6 +253,20 @@ def test_fresh_draws_differ_per_epoch_and_never_touch_test(val):
         data.load("r", "test", epoch=0)
 
 
+@pytest.mark.parametrize("name", ["r", "p", "e", "tc", "addition"])
+def test_a_draw_renders_any_batch_as_the_whole_split_holds_it(mnist_root, name):
+    """Training on fresh draws renders each batch's images when it needs them; they are the
+    epoch's draw, value for value, whatever the batch (a random one here)."""
+    whole, labels = data.load(name, "val", epoch=5)
+    fresh = data.draw(name, "val", epoch=5)
+    idx = torch.randperm(len(fresh), generator=torch.Generator().manual_seed(0))[:300]
+    assert torch.equal(fresh.images(idx), whole[idx])
+    assert torch.equal(fresh.labels[idx], labels[idx])
+    assert not torch.equal(data.draw(name, "val", epoch=6).images(idx), whole[idx])
+    with pytest.raises(StnbenchError, match="fresh draws are of distorted train or val splits"):
+        data.draw("plain", "train")
+
+
 def test_bad_names_and_values():
     names = ", ".join(sorted(data.recipes()))
     assert {"r", "rts", "p", "p_literal", "e", "tc"} <= set(data.recipes())

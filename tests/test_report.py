@@ -206,6 +206,24 @@ def test_a_budget_unlike_the_papers_is_named_beside_its_number(tmp_path):
     assert rows[2][2] == "0.7" and rows[2][5] == "0.5 (ours: 2,500 steps of 64)"
 
 
+def test_the_data_regime_is_in_the_table_and_mixed_regimes_are_warned_about(tmp_path):
+    r = tmp_path / "runs"
+    paper = {"planned_steps": 150_000, "batch_size": 256}
+    run_folder(r, "a", test=1.0, val=1.0, fresh=True, **paper)
+    run_folder(r, "b", test=1.0, val=1.0, fresh=True, seed=1, **paper)
+    run_folder(r, "c", test=1.0, val=1.0, data="r", **paper)  # before data.fresh: a fixed set
+    runs = report.collect([r])
+    table = report.cells(runs)
+    rows = md_rows(report.markdown(table))
+    assert rows[2][2] == "0.7" and rows[2][5] == "0.5 (ours: fresh draws)"
+    wide = report.wide(table).loc["ST-CNN Aff"]
+    assert (wide["R data"], wide["RTS data"]) == ("fixed set", "fresh draws")
+    assert report.warnings(runs) == []
+    run_folder(r, "d", test=1.0, val=1.0, data="r", fresh=True, seed=1, **paper)
+    (warning,) = report.warnings(report.collect([r]))
+    assert warning == "ST-CNN Aff on r: runs differ in fresh (False, True)"
+
+
 def test_mixed_budgets_are_warned_about(tmp_path):
     r = tmp_path / "runs"
     run_folder(r, "a", test=1.0, val=1.0, planned_steps=100)

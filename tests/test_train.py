@@ -18,7 +18,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from stnbench import geometry, models, report
 from stnbench.cli import load_config
+from stnbench.data import cache_path as data_cache
 from stnbench.data import load, recipes
+from stnbench.errors import Interrupted
 from stnbench.train import evaluate, lr_factor, train, trained_model
 
 TINY = [
@@ -216,7 +218,8 @@ def test_divergence_is_a_result(mnist_root, tmp_path):
 
 
 def test_collapse_is_detected_and_stops_the_run(mnist_root, tmp_path):
-    # counting any error >= 1% as near chance makes every validation a collapse
+    # counting any error >= 1% as near chance makes every validation a collapse; from the
+    # start, so it is one once the run is past its grace (a quarter of its steps, 50)
     args = (
         "data=plain",
         "model=fcn",
@@ -226,10 +229,58 @@ def test_collapse_is_detected_and_stops_the_run(mnist_root, tmp_path):
         "train.collapse.patience=2",
     )
     m = train(config(*args), tmp_path / "stop")
+    assert m["status"] == "collapsed" and m["collapsed_at"] == 60 and m["steps"] == 60
+    assert m["test_error"] is not None and "(late)" in m["reason"]
+    m = train(config(*args, "train.collapse.grace=0"), tmp_path / "at_once")
     assert m["status"] == "collapsed" and m["collapsed_at"] == 40 and m["steps"] == 40
-    assert m["test_error"] is not None
     going = train(config(*args, "train.collapse.stop=false"), tmp_path / "go")
     assert going["status"] == "collapsed" and going["steps"] == 200  # trained on, still there
+
+
+def test_a_blown_up_transformer_stops_at_once(mnist_root, tmp_path):
+    """Its localisation net at 500x the lr, the transform flies off by the first validation:
+    the transformer samples blank space (its outputs' ink ~0), and the run stops there, long
+    before its grace (100 steps)."""
+    args = ("data=r", "row=st_fcn_aff", "train.steps=400", "train.val_every=25",
+            "optim.loc_lr_mult=500", "train.collapse.patience=2")  # fmt: skip
+    m = train(config(*args), tmp_path)
+    assert m["status"] == "collapsed" and m["steps"] == 50 and m["collapsed_at"] == 50
+    assert "(blank transformer outputs)" in m["reason"] and m["transform_ink"] < 0.1
+
+
+@pytest.mark.slow
+def test_a_slow_start_on_addition_trains_on_to_a_result(mnist_root, tmp_path):
+    """2xST-FCN on addition of undistorted digits sits at chance (>= 80% validation error) for
+    its first 5 validations, then learns (measured: 77% at step 150, 52% at 300). Given half
+    its steps of grace it trains on to a result; with none it is stopped at step 50."""
+    plain = ("data.recipe.canvas=28", "data.recipe.rotation=0", "data.recipe.scale=[1,1]",
+             "data.recipe.place=false")  # fmt: skip
+    args = ("data=addition", *plain, "row=st_fcn_aff_x2", "train.steps=300", "optim.lr=0.05",
+            "optim.loc_lr_mult=0.1", "train.val_every=25", "train.collapse.patience=2")  # fmt: skip
+    m = train(config(*args, "train.collapse.grace=0.5"), tmp_path / "grace")
+    assert m["status"] == "ok" and m["collapsed_at"] is None and m["test_error"] < 65
+    m = train(config(*args, "train.collapse.grace=0"), tmp_path / "none")
+    assert m["status"] == "collapsed" and m["steps"] == 50 and "(late)" in m["reason"]
+
+
+def test_a_fresh_run_resumes_bit_for_bit(mnist_copy, tmp_path):
+    """Fresh draws every epoch: an interrupted run (mid-epoch, at step 70 of epochs of 31)
+    resumed equals the uninterrupted one; the fixed training set is never built."""
+    args = ("data=r", "row=st_fcn_aff", "data.fresh=true", "train.steps=120",
+            "data.train_size=2000", f"data.root={mnist_copy}")  # fmt: skip
+    whole = train(config(*args), tmp_path / "whole")
+    calls = iter(range(10**6))
+    with pytest.raises(Interrupted):
+        train(config(*args), tmp_path / "cut", stop=lambda: next(calls) >= 70)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt")["state"]["step"] == 70
+    cut = train(config(*args), tmp_path / "cut")
+    keys = ("test_error", "val_error", "best_test_error", "best_val_error", "transform_spread")
+    assert [whole[k] for k in keys] == [cut[k] for k in keys] and cut["steps"] == 120
+    assert whole["fresh"] is True
+    assert not data_cache("r", "train", root=mnist_copy).exists()
+    assert data_cache("r", "val", root=mnist_copy).exists()
+    fixed = train(config(*args[:2], *args[3:], "data.fresh=false"), tmp_path / "fixed")
+    assert fixed["fresh"] is False and fixed["test_error"] != whole["test_error"]
 
 
 @pytest.mark.slow
@@ -464,6 +515,7 @@ BAD = [
         "train.batch_size (256) is larger than the training set (100 images",
     ),
     (["seed=abc"], "seed must be an integer >= 0; got 'abc'"),
+    (["data=plain", "data.fresh=true"], "data.fresh must be false for plain MNIST, which has"),
     (["seed=1.5"], "seed must be an integer >= 0; got 1.5"),
     (["model.residual=maybe"], "model.residual must be true or false; got 'maybe'"),
     (["model.out_size=0"], "model.out_size must be a positive integer or null; got 0"),
