@@ -338,17 +338,19 @@ def test_a_failed_run_is_retried(mnist_root, tmp_path):
 
 
 def jobs(*overrides):
-    """Every job's overrides of a sweep, expanded by Hydra's basic sweeper (an experiment's
-    hydra.sweeper.params first, then the command line's, which replace them)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    """Every job's overrides of a sweep, expanded as stnbench's sweeper expands them (an
+    experiment's hydra.sweeper.params and grids first, then the command line's, which replace
+    them)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra_plugins.stnbench_launcher.checked_sweeper import expand
 
     fixed = [o for o in overrides if "," not in o]
-    params = load_config("stnbench_train", fixed, with_hydra=True).hydra.sweeper.params or {}
+    sweeper = load_config("stnbench_train", fixed, with_hydra=True).hydra.sweeper
+    params, grids = sweeper.params or {}, sweeper.get("grids")
     parsed = OverridesParser.create().parse_overrides(
         [f"{k}={v}" for k, v in params.items()] + list(overrides)
     )
-    (batch,) = BasicSweeper.split_arguments(parsed, None)
+    (batch,) = expand(grids or [{}], parsed)
     return batch
 
 
@@ -386,6 +388,30 @@ def test_paper_addition_is_appendix_a1s_rows_and_ours():
     assert {"ST-CNN Aff", "2xST-CNN Aff"} <= labels
 
 
+def test_paper_fcn_is_every_fully_connected_cell_once_on_fresh_draws():
+    """Table 1's 16 fully connected cells, TC's 2 and addition's 3, x seeds 0-2: one command
+    (three grids of hydra.sweeper.grids), at the paper's protocol on fresh draws."""
+    batch = jobs("experiment=paper_fcn")
+    cells = {tuple(o for o in job if o.startswith(("data=", "row="))) for job in batch}
+    assert len(batch) == 3 * len(cells) and len(cells) == 16 + 2 + 3
+    rows = {"fcn", "st_fcn_aff", "st_fcn_proj", "st_fcn_tps"}
+    expected = {(f"data={d}", f"row={r}") for d in ("r", "rts", "p", "e") for r in rows}
+    expected |= {("data=tc", "row=fcn"), ("data=tc", "row=st_fcn_aff")}
+    expected |= {("data=addition", f"row={r}") for r in ("fcn", "st_fcn_aff", "st_fcn_aff_x2")}
+    assert cells == expected
+    cfg = load_config("stnbench_train", ["experiment=paper_fcn", "data=addition",
+                                         "row=st_fcn_aff_x2", "seed=0"])  # fmt: skip
+    assert cfg.data.fresh is True and cfg.model.transformers == 2
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.optim.lr) == (150_000, 256, 0.01)
+    assert (cfg.schedule.name, cfg.schedule.every, cfg.optim.momentum) == ("step", 50_000, 0.9)
+    # the command line narrows every grid, and leaves out those that do not hold its value
+    assert len(jobs("experiment=paper_fcn", "data=addition", "seed=0")) == 3
+    (one,) = jobs("experiment=paper_fcn", "row=st_fcn_aff_x2", "seed=1")
+    assert {"data=addition", "row=st_fcn_aff_x2", "seed=1"} <= set(one)
+    assert len(jobs("experiment=paper_fcn", "data=r,tc", "seed=0")) == 4 + 2
+    assert len(jobs("experiment=paper_fcn", "data.fresh=false", "seed=2")) == 21
+
+
 def test_experiment_sweeps_need_m_and_take_command_line_values(bin_dir, tmp_path):
     r = cli(bin_dir, tmp_path, "stnbench-train", "experiment=paper_table1")
     hint = "sweeps data, row, seed (hydra.sweeper.params); add -m to run the sweep, or pin each, "
@@ -399,6 +425,8 @@ def test_experiment_sweeps_need_m_and_take_command_line_values(bin_dir, tmp_path
     assert len(list((tmp_path / "outputs").rglob("metrics.json"))) == 1
     assert len(jobs("experiment=paper_table1", "data=rts")) == 24
     assert len(jobs("experiment=paper_tc")) == 4 * 3
+    r = cli(bin_dir, tmp_path, "stnbench-train", "experiment=paper_fcn", "seed=0")
+    assert r.returncode == 2 and "sweeps data, row (hydra.sweeper.params)" in r.stderr
     sweep = jobs("experiment=lr_sweep")
     assert len(sweep) == 3 * 4
     cfg = load_config("stnbench_train", sweep[-1])
