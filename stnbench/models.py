@@ -162,7 +162,9 @@ class STModel(nn.Module):
         return torch.cat(outs, dim=1), torch.cat(params, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.pool(self.transform(x)[0]))  # (B, num_classes)
+        # pooling each output before the concatenation (the same values) copies a quarter as much
+        outs = [self.pool(t(x)[0]) for t in self.transformers]  # N x (B, C, out/2, out/2)
+        return self.classifier(torch.cat(outs, dim=1))  # (B, num_classes)
 
     def untransformed(self, x: Tensor) -> Tensor:
         """Logits with the transformers bypassed by the identity (the seed notes' "CNN only")."""
