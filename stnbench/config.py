@@ -6,6 +6,8 @@ an unknown key or a value of the wrong type while it composes (before any folder
 must agree (stnbench.errors.Checked). Errors read ``<key> must be <expected>; got <value>``.
 """
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -42,7 +44,7 @@ class Data(Checked):
     def __post_init__(self):
         super().__post_init__()
         data.recipe(self.name)
-        mnist.data_root(self.root)
+        mnist.writable_root(self.root)
         if self.fresh and self.recipe is None:
             raise self.bad("fresh", "false for plain MNIST, which has no distortion to draw")
 
@@ -79,10 +81,10 @@ class Transform(Checked):
 class Optim(Checked):
     key: ClassVar[str] = "optim"
     name: str = setting("sgd", f"one of {', '.join(OPTIMIZERS)}", one_of(*OPTIMIZERS))
-    lr: float = setting(0.01, "a number in (0, inf]", number(0, lo_open=True))
-    momentum: float = setting(0.9, "a number in [0, 1)", number(0, 1, hi_open=True))
-    weight_decay: float = setting(0.0, "a number >= 0", number(0))
-    loc_lr_mult: float = setting(1.0, "a number >= 0", number(0))  # localisation nets' lr
+    lr: float = setting(0.01, number(0, lo_open=True))
+    momentum: float = setting(0.9, number(0, 1, hi_open=True))
+    weight_decay: float = setting(0.0, number(0))
+    loc_lr_mult: float = setting(1.0, number(0))  # localisation nets' lr
     nesterov: bool = setting(False, BOOL)  # Nesterov momentum (sgd)
 
     def __post_init__(self):
@@ -96,22 +98,22 @@ class Schedule(Checked):
     key: ClassVar[str] = "schedule"
     name: str = setting("step", f"one of {', '.join(SCHEDULES)}", one_of(*SCHEDULES))
     every: int = setting(50_000, POSITIVE, integer(1))  # step, exponential
-    gamma: float = setting(0.1, "a number in (0, 1]", number(0, 1, lo_open=True))
-    floor: float = setting(0.0, "a number in [0, 1]", number(0, 1))  # cosine, onecycle
+    gamma: float = setting(0.1, number(0, 1, lo_open=True))
+    floor: float = setting(0.0, number(0, 1))  # cosine, onecycle
     # linear warm-up over this fraction of train.steps, before any schedule (onecycle: 0.2)
-    warmup: float = setting(0.0, "a number in [0, 1)", number(0, 1, hi_open=True))
+    warmup: float = setting(0.0, number(0, 1, hi_open=True))
 
 
 @dataclass
 class Collapse(Checked):
     key: ClassVar[str] = "train.collapse"
-    error: float = setting(80.0, "a number in (0, 100]", number(0, 100, lo_open=True))
+    error: float = setting(80.0, number(0, 100, lo_open=True))
     patience: int = setting(3, POSITIVE, integer(1))
     stop: bool = setting(True, BOOL)
     # the share of train.steps in which a run near chance from its start is a slow start, not a
     # collapse (MNIST addition sits at chance for thousands of steps); a run that had learned, or
     # whose transformer outputs blank images, collapses at once (docs/training.md)
-    grace: float = setting(0.25, "a number in [0, 1]", number(0, 1))
+    grace: float = setting(0.25, number(0, 1))
 
 
 @dataclass
@@ -124,10 +126,10 @@ class Train(Checked):
     eval_batch_size: int = setting(1000, POSITIVE, integer(1))
     log_every: int = setting(100, POSITIVE, integer(1))
     collapse: Collapse = field(default_factory=Collapse)
-    label_smoothing: float = setting(0.0, "a number in [0, 1)", number(0, 1, hi_open=True))
+    label_smoothing: float = setting(0.0, number(0, 1, hi_open=True))
     # exponential moving average of the weights, used for validation, test and diagnostics:
     # its decay per step (0: off); it warms up as min(ema, (1 + t) / (10 + t)) at step t
-    ema: float = setting(0.0, "a number in [0, 1)", number(0, 1, hi_open=True))
+    ema: float = setting(0.0, number(0, 1, hi_open=True))
     progress: Any = setting("auto", "auto, true or false", one_of("auto", True, False))
 
 
@@ -170,13 +172,13 @@ class TrainJob(Checked):
 @dataclass
 class LrFind(Checked):
     key: ClassVar[str] = "lr_find"
-    start: float = setting(1e-4, "a number > 0", number(0, lo_open=True))  # the first lr
-    end: float = setting(10.0, "a number > 0", number(0, lo_open=True))  # the last lr
+    start: float = setting(1e-4, number(0, lo_open=True))  # the first lr
+    end: float = setting(10.0, number(0, lo_open=True))  # the last lr
     steps: int = setting(100, "an integer >= 3", integer(3))  # lrs tried, one step each
-    smoothing: float = setting(0.9, "a number in [0, 1)", number(0, 1, hi_open=True))
-    diverge: float = setting(4.0, "a number > 1", number(1, lo_open=True))  # x the lowest loss
+    smoothing: float = setting(0.9, number(0, 1, hi_open=True))
+    diverge: float = setting(4.0, number(1, lo_open=True))  # x the lowest loss
     # grid distance from the identity (half-widths) where a localisation net counts as collapsed
-    collapse: float = setting(0.5, "a number > 0", number(0, lo_open=True))
+    collapse: float = setting(0.5, number(0, lo_open=True))
 
     def __post_init__(self):
         super().__post_init__()
@@ -196,7 +198,7 @@ class LrFindJob(TrainJob):
 class Preview(Checked):
     key: ClassVar[str] = "preview"
     split: str = setting("train", f"one of {', '.join(data.SPLITS)}", one_of(*data.SPLITS))
-    n: int = setting(16, POSITIVE, integer(1))  # digits shown per row
+    n: int = setting(16, "an integer in [1, 256]", integer(1, hi=256))  # digits shown per row
     scale: int = setting(3, POSITIVE, integer(1))  # nearest-neighbour upscaling of the PNG
     out: str = "outputs/preview/plain.png"
 
@@ -243,7 +245,8 @@ def unpinned_sweeps(config: DictConfig) -> dict[str, str]:
 def pin_hint(sweeps: dict[str, str]) -> str:
     """How to pin unpinned sweeps, for an error message: "pin it, e.g. seed=0"."""
     key, value = next(iter(sweeps.items()))
-    return f"pin {'each' if len(sweeps) > 1 else 'it'}, e.g. {key}={value.split(',')[0]}"
+    first = value.split(",")[0] if "(" not in value else "VALUE"  # a search's space: no example
+    return f"pin {'each' if len(sweeps) > 1 else 'it'}, e.g. {key}={first}"
 
 
 def run_name(data_name: str, model: str, kind: str) -> str:
@@ -275,6 +278,12 @@ def recorded(cfg: dict) -> dict:
     if not models.is_st(out["model"]["name"]):
         out.pop("transform", None)
     return out
+
+
+def identity(cfg: dict) -> str:
+    """A run's identity: a digest of recorded(cfg), the same for every spelling of one
+    configuration (row=cnn or model=cnn, a default spelled out or not, 1e-2 or 0.01)."""
+    return hashlib.sha256(json.dumps(recorded(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass

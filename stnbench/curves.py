@@ -3,8 +3,9 @@ batch size) and against the training loop's wall-clock seconds, read from each r
 events with TensorBoard's own reader, never recomputed.
 
 ``read(runs)`` (runs as stnbench.report.collect gives them) averages them over seeds per
-(protocol, data, row, step), a protocol being the folder a run was found under (stnbench-report's
-DIR); ``plot(frame, path)`` draws them. The columns and the figure: docs/sweeps.md,
+(protocol, data, row, lr, step), a protocol being the folder a run was found under
+(stnbench-report's DIR); ``plot(frame, path)`` draws them, a line per learning rate where a row
+has several. The columns and the figure: docs/sweeps.md,
 "stnbench-report".
 """
 
@@ -41,17 +42,19 @@ def events(folder: str | Path) -> pd.DataFrame:
 
 
 def read(runs: pd.DataFrame) -> pd.DataFrame:
-    """The curves of every finished run, averaged over seeds per (protocol, data, row, step)."""
+    """The curves of every finished run, averaged over seeds per (protocol, data, row, lr,
+    step); n counts the runs averaged."""
     parts = []
     for run in runs[runs.status.isin(DONE)].itertuples():
         curve = events(run.path)
         if not curve.empty:
             protocol = Path(run.source).name if isinstance(run.source, str) else ""
-            curve = curve.assign(protocol=protocol, data=run.data, row=run.row, seed=run.seed)
+            curve = curve.assign(protocol=protocol, data=run.data, row=run.row, lr=run.lr,
+                                 seed=run.seed)  # fmt: skip
             parts.append(curve.assign(images=curve.step * run.batch_size))
     if not parts:
         return pd.DataFrame()
-    keys = ["protocol", "data", "row", "step"]
+    keys = ["protocol", "data", "row", "lr", "step"]
     frame = pd.concat(parts).groupby(keys, sort=False)
     out = frame.agg(
         images=("images", "first"),
@@ -60,7 +63,7 @@ def read(runs: pd.DataFrame) -> pd.DataFrame:
         std=("val_error", "std"),
         min=("val_error", "min"),
         max=("val_error", "max"),
-        n=("seed", "nunique"),
+        n=("seed", "size"),
     )
     return out.reset_index().sort_values(keys, ignore_index=True)
 
@@ -73,10 +76,14 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     protocols = list(dict.fromkeys(frame.protocol))
     fig = Figure(figsize=(12, 4 * len(datas)), layout="constrained")
     axes = fig.subplots(len(datas), 2, squeeze=False)
-    for (data, row, protocol), line in frame.groupby(["data", "row", "protocol"], sort=False):
+    lrs = frame.groupby(["data", "row"]).lr.transform("nunique")
+    for (data, row, protocol, lr), line in frame.groupby(
+        ["data", "row", "protocol", "lr"], sort=False
+    ):
         color = f"C{rows.index(row) % 10}"
         style = STYLES[protocols.index(protocol) % len(STYLES)]
         label = row if len(protocols) == 1 else f"{row}, {protocol}"
+        label += f", lr {lr:g}" if lrs[line.index[0]] > 1 else ""
         for ax, x in zip(axes[datas.index(data)], ("images", "seconds"), strict=True):
             ax.plot(line[x], line["mean"], style, color=color, label=label)
             ax.fill_between(line[x], line["min"], line["max"], color=color, alpha=0.15)

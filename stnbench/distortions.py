@@ -45,18 +45,18 @@ class Recipe(Checked):
     # output side, pixels; at least the digit's (a smaller canvas would crop every digit)
     canvas: int = setting(DIGIT, f"an integer >= {DIGIT} (MNIST's side)", integer(DIGIT))
     # degrees: angle ~ U[-rotation, rotation]
-    rotation: float = setting(0.0, "a number >= 0", number(0))
-    shear: float = setting(0.0, "a number in [0, 90)", number(0, 90, hi_open=True))  # x-shear
+    rotation: float = setting(0.0, number(0))
+    shear: float = setting(0.0, number(0, 90, hi_open=True))  # x-shear
     # factor ~ U[lo, hi]
     scale: tuple[float, float] = setting((1.0, 1.0), "[lo, hi] with 0 < lo <= hi", _interval)
     # shift so the scaled 28x28 box lands uniformly anywhere inside the canvas
     place: bool = False
     # extra shift ~ U[-t, t] x canvas per axis (torchvision's convention)
-    translation: float = setting(0.0, "a number >= 0", number(0))
-    corner_sigma: float = setting(0.0, "a number >= 0", number(0))  # px: projective corners
+    translation: float = setting(0.0, number(0))
+    corner_sigma: float = setting(0.0, number(0))  # px: projective corners
     # the corner offsets shrink with the digit (perspective drawn at 28 px, then scaled)
     perspective_first: bool = False
-    tps_sigma: float = setting(0.0, "a number >= 0", number(0))  # px: TPS control points
+    tps_sigma: float = setting(0.0, number(0))  # px: TPS control points
     # patches cut from other digits of the split, added, then clipped to [0, 1]
     clutter: int = setting(0, "an integer >= 0", integer(0))
     clutter_size: int = setting(6, "an integer >= 1", integer(1))  # patch side, pixels

@@ -65,9 +65,12 @@ def one_line(error: BaseException) -> str:
     return " ".join(s.strip() for s in str(error).splitlines() if s.strip()) or type(error).__name__
 
 
-def setting(default: Any, expected: str, ok=None) -> Any:
+def setting(default: Any, expected, ok=None) -> Any:
     """A schema field: its default, what it must be in words, and a check of its value (beyond
-    its type) that ``Checked`` runs."""
+    its type) that ``Checked`` runs; or its default and a check that says its own words
+    (number()'s)."""
+    if callable(expected):
+        expected, ok = expected.expected, expected
     return field(default=default, metadata={"expected": expected, "ok": ok})
 
 
@@ -81,7 +84,10 @@ def describe(error: BaseException) -> str:
         cause = cause.__cause__
     schema = getattr(cause, "object_type", None)
     if not getattr(cause, "full_key", None) or not is_dataclass(schema):
-        return one_line(error).split(" Config search path:")[0]  # Hydra's lists its search path
+        text = one_line(error).split(" Config search path:")[0]  # Hydra's lists its search path
+        if "LexerNoViableAlt" in text or "missing EQUAL" in text:  # Hydra's override grammar
+            return unparsed(str(error))
+        return text
     known = {f.name: f for f in fields(schema)}
     name = cause.full_key.rsplit(".", 1)[-1]
     key = f"{schema.key}.{name}" if getattr(schema, "key", "") else cause.full_key
@@ -90,6 +96,22 @@ def describe(error: BaseException) -> str:
     if "expected" in known[name].metadata:
         return f"{key} must be {known[name].metadata['expected']}; got {cause.value!r}"
     return f"{key}: {one_line(cause).split(' full_key:')[0]}"
+
+
+def unparsed(message: str) -> str:
+    """Hydra's grammar error for an override, whose caret line one_line() would lose: the
+    override, the character it stopped at, and how to quote a value."""
+    lines = message.splitlines()
+    carets = [i for i, line in enumerate(lines) if line.strip() == "^" and i > 0]
+    where = ""
+    if carets:
+        override = lines[carets[0] - 1].split(": ", 1)[-1]
+        col = lines[carets[0]].index("^") - (len(lines[carets[0] - 1]) - len(override))
+        where = f"cannot parse {override!r} at {override[col : col + 1] or 'its end'!r}"
+    else:
+        where = one_line(Exception(message)).split(" See https://")[0]
+    return (f"{where}; quote a value that holds spaces or letters outside ASCII, for the shell "
+            "and for Hydra: 'data.root=\"/my data/ü\"'")  # fmt: skip
 
 
 class Checked:
@@ -105,18 +127,33 @@ class Checked:
                 raise self.bad(f.name, f.metadata["expected"])
 
     def bad(self, name: str, expected: str) -> StnbenchError:
-        key = f"{self.key}.{name}" if self.key else name
-        return StnbenchError(f"{key} must be {expected}; got {getattr(self, name)!r}")
+        key, value = f"{self.key}.{name}" if self.key else name, getattr(self, name)
+        shown = repr(value)
+        if isinstance(value, float) and math.isinf(value):  # 1e400 too is read as inf
+            shown += " (a number beyond a float's range reads as inf)"
+        return StnbenchError(f"{key} must be {expected}; got {shown}")
 
 
 # checks of setting() values; None passes where a setting is optional
 def number(lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
+    """A finite number between lo and hi (each end open or closed), and those words, from the
+    same bounds: ``number(0, lo_open=True).expected`` is "a finite number > 0"."""
+
     def ok(v):
         if isinstance(v, bool) or not isinstance(v, int | float):
             return False
         above = lo < v if lo_open else lo <= v
         return math.isfinite(v) and above and (v < hi if hi_open else v <= hi)
 
+    if math.isfinite(lo) and math.isfinite(hi):
+        ok.expected = f"a number in {'[('[lo_open]}{lo:g}, {hi:g}{'])'[hi_open]}"
+    elif math.isfinite(lo) or math.isfinite(hi):
+        sign, end = (
+            (">" if lo_open else ">=", lo) if math.isfinite(lo) else ("<" if hi_open else "<=", hi)
+        )
+        ok.expected = f"a finite number {sign} {end:g}"
+    else:
+        ok.expected = "a finite number"
     return ok
 
 

@@ -64,6 +64,24 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     return root
 
 
+def writable_root(root: str | os.PathLike | None = None) -> Path:
+    """data_root(root), made if missing, refused in one line (naming data.root) if it cannot be
+    written: MNIST is fetched and the distorted sets cached there."""
+    path = data_root(root)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        ok = os.access(path, os.W_OK | os.X_OK)
+        reason = "" if ok else "not writable"
+    except OSError as e:
+        reason = e.strerror or str(e)
+    if reason:
+        raise StnbenchError(
+            f"data.root must be a folder stnbench can write (MNIST and the dataset caches go "
+            f"there); got {str(path)!r}: {reason}; set data.root=DIR or ${ROOT_ENV}"
+        )
+    return path
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Decode an uncompressed IDX file of unsigned bytes; a one-line error if it is damaged."""
     data = Path(path).read_bytes()

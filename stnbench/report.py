@@ -35,13 +35,14 @@ PAPER = {
 PAPER_BUDGET = (150_000, 256)  # its steps and batch size (Appendix A.4)
 LEGEND = (
     "Test error (%) of the final model: mean ± std over the runs that ended ok (how many); in "
-    "brackets the runs that collapsed, diverged, failed, are unfinished or unreadable; `@ lr`: "
+    "brackets the runs that collapsed, diverged, failed, are unfinished, unreadable or "
+    "inconsistent; `@ lr`: "
     "the learning rate chosen on validation. Paper: Jaderberg et al. 2015, Table 1 (TC: the "
     "text; Addition: Appendix A.1), 150,000 steps of 256; `ours:` beside it where the cell's "
     "runs trained another budget, or on fresh distortions every epoch rather than a fixed set."
 )
 REQUIRED = ("status", "data", "model", "lr", "seed")  # what every run's row needs
-STATUSES = ("ok", "collapsed", "diverged", "failed", "unfinished", "unreadable")
+STATUSES = ("ok", "collapsed", "diverged", "failed", "unfinished", "unreadable", "inconsistent")
 # what a cell's brackets count: the runs that did not end ok, and the runs (any status) whose
 # transformer stopped following its input (metrics.json's transformer_dead)
 FLAGS = {**{s: s for s in STATUSES[1:]}, "dead": "dead transformer"}
@@ -59,6 +60,7 @@ def row_label(
     loc_lr_mult=1,
     transformers=1,
     multi=False,
+    fixed_set=False,
 ) -> str:
     """The table's row name, from the registries' labels ("ST-CNN Aff", the paper's), variants
     marked after it. A run has a transformer when it records a transform (metrics.json's
@@ -74,6 +76,8 @@ def row_label(
     marks = ["tanh" if tanh else "residual"] if tanh or residual else []
     if multi:  # a transformer on the feature maps too (the paper's ST-CNN Multi)
         marks.append("multi")
+    if fixed_set:  # where the model also has runs on fresh draws
+        marks.append(REGIMES[False])
     if loc_lr_mult == SEARCHED:  # a search's trials: their own row, apart from any grid's
         marks.append("searched")
     elif st and not pd.isna(loc_lr_mult) and loc_lr_mult != 1:  # None / NaN: not recorded
@@ -107,8 +111,43 @@ def _fresh(folder: Path) -> bool:
         return False
 
 
+def _identity(folder: Path) -> str | None:
+    """A run's identity (stnbench.config.identity) from the config.json it wrote when it
+    started, else its Hydra config; None where neither reads as a training run's."""
+    from stnbench.config import identity
+
+    started, composed = folder / "config.json", folder / ".hydra" / "config.yaml"
+    for read in (lambda: json.loads(started.read_text()),
+                 lambda: OmegaConf.to_container(OmegaConf.load(composed))):  # fmt: skip
+        try:
+            return identity(read())
+        except Exception:  # missing, unreadable or not a stnbench-train config
+            continue
+    return None
+
+
+def set_aside_duplicates(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each configuration once: of the folders that hold one identity (another spelling of the
+    command, a copy of a sweep), the one that ended first (ok, collapsed, diverged), else failed,
+    else unfinished, first by path; attrs["duplicates"] names the others and the one kept."""
+    runs = runs.assign(identity=[_identity(Path(p)) for p in runs.path])
+    rank = runs.status.map({"failed": 1, "unfinished": 2, "unreadable": 3, "inconsistent": 3})
+    rank = rank.fillna(0)
+    order = runs.assign(rank=rank).sort_values(["rank", "path"], kind="stable")
+    twin = order.identity.notna() & order.duplicated("identity")
+    kept = order[~twin].dropna(subset=["identity"]).set_index("identity").path
+    out = runs.loc[sorted(order.index[~twin])].reset_index(drop=True)
+    out.attrs["duplicates"] = [
+        f"{run.path}: the same configuration as {kept[run.identity]}; set aside, counted once"
+        for run in order[twin].itertuples()
+    ]
+    return out
+
+
 def collect(dirs: list[str | Path]) -> pd.DataFrame:
     """One row per run folder below ``dirs``: its metrics.json, or an unfinished Hydra run."""
+    from stnbench.train import disagreement
+
     records, unreadable = {}, []
     for d in map(Path, dirs):
         if not d.is_dir():
@@ -129,6 +168,9 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
                 if (m := _unfinished(path.parent)) is None:
                     continue
                 m.update(status="unreadable", reason=problem)
+            if (why := disagreement(m)) is not None:  # never a result
+                unreadable.append(f"{path}: inconsistent ({why}); not counted as a result")
+                m.update(status="inconsistent", reason=why)
             if "fresh" not in m:  # written before metrics.json recorded the data regime
                 m["fresh"] = _fresh(path.parent)
             records[folder] = {**m, "path": str(path.parent), "source": str(d)}
@@ -141,7 +183,7 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
             f"no readable runs below {', '.join(map(str, dirs))} (expected metrics.json files "
             f"that stnbench-train writes){'; ' + unreadable[0] if unreadable else ''}"
         )
-    runs = pd.DataFrame(list(records.values()))
+    runs = set_aside_duplicates(pd.DataFrame(list(records.values())))
     optional = ("transform", "residual", "tanh", "loc_lr_mult", "test_error", "val_error",
                 "transformer_dead", "searched", "transformers", "multi",
                 "loc_lr_every_transformer", "fresh")  # fmt: skip
@@ -158,9 +200,13 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
     columns = [runs[k] for k in ("model", "transform", "residual", "tanh")] + [loc]
     columns.append(runs.transformers.astype(float).fillna(1).astype(int))  # recorded since A.1
     columns.append(runs.multi.eq(True))
+    # a fixed set marks the row only where the model has runs on fresh draws too
+    model = [runs.model, runs["transform"]]
+    mixed = runs.fresh.eq(True).groupby(model, dropna=False).transform("nunique") > 1
+    columns.append(mixed & runs.fresh.ne(True))
     runs["row"] = [
-        row_label(m, t, r is True, h is True, lm, n, mu)
-        for m, t, r, h, lm, n, mu in zip(*columns, strict=True)
+        row_label(m, t, r is True, h is True, lm, n, mu, fs)
+        for m, t, r, h, lm, n, mu, fs in zip(*columns, strict=True)
     ]
     return runs.sort_values(["row", "data", "lr", "seed", "path"], ignore_index=True)
 
@@ -237,7 +283,7 @@ def cells(runs: pd.DataFrame, per_lr: pd.DataFrame | None = None) -> pd.DataFram
 def warnings(runs: pd.DataFrame) -> list[str]:
     """The metrics.json files that could not be read, and cells whose runs differ in budget or
     optimiser (averaging them mixes experiments)."""
-    out = list(runs.attrs.get("unreadable", []))
+    out = list(runs.attrs.get("unreadable", [])) + list(runs.attrs.get("duplicates", []))
     done = runs[~runs.status.isin(["unfinished", "unreadable"])]
     for (row, data), g in done.groupby(["row", "data"]):
         for key in BUDGET:
@@ -248,7 +294,8 @@ def warnings(runs: pd.DataFrame) -> list[str]:
                 out.append(f"{row} on {data}: runs differ in {key} ({values})")
     from stnbench.train import before_loc_lr_fix
 
-    stale = done[[before_loc_lr_fix(run) for _, run in done.iterrows()]]
+    old = pd.Series([before_loc_lr_fix(run) for _, run in done.iterrows()], done.index, bool)
+    stale = done[old]  # a boolean mask, also where no run ended (a list would pick columns)
     for (row, data), g in stale.groupby(["row", "data"]):
         stale_runs = f"{len(g)} runs trained before commit 666d9d5"
         out.append(f"{row} on {data}: {stale_runs}, their transformers but the first at the full "

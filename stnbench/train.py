@@ -12,6 +12,7 @@ best-validation model's is ``best_test_error``.
 
 import datetime
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -94,6 +95,28 @@ def settings(cfg: DictConfig) -> dict:
     }
 
 
+RESULT = ("status", "test_error", "val_error", "best_test_error", "best_val_error", "best_step",
+          "test_error_untransformed", "steps")  # fmt: skip
+
+
+def digest(m: dict) -> str:
+    """A digest of a metrics.json's result fields (RESULT): stnbench-report reports a file whose
+    results no longer match theirs as inconsistent, never as a result."""
+    result = json.dumps({k: m.get(k) for k in RESULT}, sort_keys=True)
+    return hashlib.sha256(result.encode()).hexdigest()[:16]
+
+
+def disagreement(m: dict) -> str | None:
+    """Why a metrics.json's result disagrees with itself, or None: its digest, or a best model
+    that is the final one (best_step == steps) with another test error."""
+    if "digest" in m and m["digest"] != digest(m):
+        return "its results do not match their digest (edited after the run wrote them?)"
+    if m.get("best_step") is not None and m.get("best_step") == m.get("steps"):
+        if m.get("best_test_error") != m.get("test_error"):
+            return "the best-validation model is the final one, with another test error"
+    return None
+
+
 def before_loc_lr_fix(m) -> bool:
     """Whether a run's metrics (a dict, or a row of stnbench.report's) are those of a model with
     several transformers trained before commit 666d9d5, when only the first one's localisation
@@ -167,6 +190,21 @@ def claimed(out: Path, cfg: DictConfig):
         if not path.exists():
             write_json(path, mine)
         yield
+
+
+def twin(out: Path, cfg: DictConfig) -> Path | None:
+    """The folder beside ``out`` (its siblings share its data, model, transform and seed) whose
+    config.json is this configuration's, when ``out`` holds no run of its own yet; else None."""
+    if (out / "config.json").exists() or not out.parent.is_dir():
+        return None
+    mine = recorded(OmegaConf.to_container(cfg))
+    for path in sorted(out.parent.glob("*/config.json")):
+        try:
+            if path.parent != out and difference(recorded(read_json(path)), mine) is None:
+                return path.parent
+        except (Fault, OmegaConfBaseException):  # not readable as a config: not this run's
+            continue
+    return None
 
 
 def write_json(path: Path, value: dict) -> dict:
@@ -555,6 +593,7 @@ def finish(r: Run) -> dict:
         "device": str(device.resolve(cfg.device)),
         "threads": torch.get_num_threads(),  # a sweep's jobs may run with fewer than a lone run
     }
+    metrics["digest"] = digest(metrics)
     hparam = {k: metrics[k] for k in HPARAMS} | {"seed": metrics["seed"]}
     hparam |= {"transform": metrics["transform"] or "none", "residual": bool(metrics["residual"])}
     keys = ("test_error", "val_error", "best_test_error")
@@ -571,8 +610,17 @@ def finish(r: Run) -> dict:
 
 def train(cfg: DictConfig, out: Path, progress: bool = False, stop=None) -> dict:
     """Train the configured model; return (and write to out/metrics.json) its metrics. ``stop``,
-    asked at every step, ends the run as Ctrl-C does (a sweep's launcher stopping it)."""
+    asked at every step, ends the run as Ctrl-C does (a sweep's launcher stopping it). Where a
+    folder beside ``out`` holds this configuration's run already (another spelling of the
+    command), that run is the one: its metrics if it is finished, else it trains there."""
     out = Path(out)
+    if (first := twin(out, cfg)) is not None:
+        if (done := finished(first)) is not None:
+            log.info("%s is the same configuration as %s, finished: not training it again",
+                     out, first)  # fmt: skip
+            return done
+        log.info("%s is the same configuration as %s: training it there", out, first)
+        out = first
     with claimed(out, cfg):
         return finished(out) or loop(cfg, out, progress, stop or (lambda: False))
 

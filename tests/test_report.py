@@ -114,7 +114,7 @@ def test_csv_reads_back_in_the_papers_layout(runs, tmp_path):
     )
     assert math.isnan(table.loc["ST-CNN Aff", "R"])
     runs_csv = pd.read_csv(tmp_path / "out" / "runs.csv")
-    assert len(runs_csv) == 9 and set(runs_csv.status) == set(report.STATUSES)
+    assert len(runs_csv) == 9 and set(runs_csv.status) == set(report.STATUSES) - {"inconsistent"}
     assert not (tmp_path / "out" / "lr.png").exists()  # one learning rate: no lr plot
 
 
@@ -211,17 +211,75 @@ def test_the_data_regime_is_in_the_table_and_mixed_regimes_are_warned_about(tmp_
     paper = {"planned_steps": 150_000, "batch_size": 256}
     run_folder(r, "a", test=1.0, val=1.0, fresh=True, **paper)
     run_folder(r, "b", test=1.0, val=1.0, fresh=True, seed=1, **paper)
-    run_folder(r, "c", test=1.0, val=1.0, data="r", **paper)  # before data.fresh: a fixed set
+    run_folder(r, "c", test=1.0, val=1.0, data="r", model="cnn", **paper)  # before data.fresh
     runs = report.collect([r])
     table = report.cells(runs)
     rows = md_rows(report.markdown(table))
-    assert rows[2][2] == "0.7" and rows[2][5] == "0.5 (ours: fresh draws)"
-    wide = report.wide(table).loc["ST-CNN Aff"]
-    assert (wide["R data"], wide["RTS data"]) == ("fixed set", "fresh draws")
+    assert rows[2][2] == "1.2" and rows[3][5] == "0.5 (ours: fresh draws)"
+    wide = report.wide(table)
+    assert (wide.loc["CNN", "R data"], wide.loc["ST-CNN Aff", "RTS data"]) == (
+        "fixed set", "fresh draws"
+    )  # fmt: skip
     assert report.warnings(runs) == []
-    run_folder(r, "d", test=1.0, val=1.0, data="r", fresh=True, seed=1, **paper)
-    (warning,) = report.warnings(report.collect([r]))
-    assert warning == "ST-CNN Aff on r: runs differ in fresh (False, True)"
+    # a model with runs in both regimes: the fixed set's are a row of their own, never pooled
+    run_folder(r, "d", test=2.0, val=1.0, data="r", model="cnn", fresh=True, seed=1, **paper)
+    runs = report.collect([r])
+    assert dict(zip(runs.path.str[-1], runs.row, strict=True)) == {
+        "a": "ST-CNN Aff", "b": "ST-CNN Aff", "c": "CNN (fixed set)", "d": "CNN"
+    }  # fmt: skip
+    assert report.warnings(runs) == []
+
+
+def test_a_configuration_in_several_folders_is_counted_once(tmp_path):
+    """Two spellings of one run (row=cnn, model=cnn), a copy of a sweep: one row of runs.csv,
+    n = 1, and a warning naming the folder set aside and the one kept (the finished one)."""
+    from stnbench.cli import load_config
+    from stnbench.config import recorded
+
+    def spelled(root, name, *overrides, status="ok", test=5.0, lr=0.01):
+        folder = run_folder(root, name, status, test=test, val=5.0, model="cnn", lr=lr)
+        cfg = load_config("stnbench_train", ["data=rts", *overrides])
+        (folder / "config.json").write_text(json.dumps(recorded(OmegaConf.to_container(cfg))))
+        return folder
+
+    spelled(tmp_path / "a", "model=cnn", "model=cnn")
+    spelled(tmp_path / "a", "row=cnn", "row=cnn", "optim=sgd", test=7.0)  # its copy, edited
+    spelled(tmp_path / "b", "row=cnn", "row=cnn", status="failed", test=None)
+    spelled(tmp_path / "a", "lr", "model=cnn", "optim.lr=0.02", test=6.0, lr=0.02)  # another
+    runs = report.collect([tmp_path / "a", tmp_path / "b"])
+    assert sorted(runs.path.str.split("/").str[-1]) == ["lr", "model=cnn"]
+    kept = tmp_path / "a" / "model=cnn"
+    assert sorted(runs.attrs["duplicates"]) == [
+        f"{tmp_path / 'a' / 'row=cnn'}: the same configuration as {kept}; set aside, counted once",
+        f"{tmp_path / 'b' / 'row=cnn'}: the same configuration as {kept}; set aside, counted once",
+    ]
+    assert set(runs.attrs["duplicates"]) <= set(report.warnings(runs))
+    cell = report.cells(runs).set_index("row").loc["CNN"]
+    assert (cell.n, cell["mean"]) == (1, 5.0)  # the other lr is its own option, not a seed
+
+
+def test_a_result_that_disagrees_with_itself_is_inconsistent_never_a_result(tmp_path):
+    from stnbench.train import digest
+
+    r = tmp_path / "runs"
+    good = run_folder(r, "good", test=2.0, val=2.0, best_test_error=2.5, best_step=50, steps=100)
+    edited = run_folder(r, "edited", test=2.0, val=2.0, best_test_error=2.5, best_step=50,
+                        steps=100, seed=1)  # fmt: skip
+    for folder in (good, edited):
+        m = json.loads((folder / "metrics.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps({**m, "digest": digest(m)}))
+    m = json.loads((edited / "metrics.json").read_text())
+    (edited / "metrics.json").write_text(json.dumps({**m, "test_error": 0.5}))  # by hand
+    run_folder(
+        r, "unsealed", test=0.4, val=2.0, best_test_error=2.5, best_step=100, steps=100, seed=2
+    )  # fmt: skip  (the final model is the best, with another test error)
+    runs = report.collect([r])
+    assert sorted(runs.status) == ["inconsistent", "inconsistent", "ok"]
+    cell = report.cells(runs).iloc[0]
+    assert (cell.n, cell["mean"], cell.inconsistent) == (1, 2.0, 2)
+    assert "2.00 (1) [2 inconsistent]" in report.markdown(report.cells(runs))
+    lines = [w for w in report.warnings(runs) if "inconsistent" in w]
+    assert len(lines) == 2 and any("do not match their digest" in w for w in lines)
 
 
 def test_mixed_budgets_are_warned_about(tmp_path):

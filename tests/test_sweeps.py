@@ -126,11 +126,12 @@ def test_curves_are_the_runs_validations(sweep):
         val = {e.step: e.value for e in events.Scalars("val/error")}
         assert sorted(val) == [30, 60]
         row = "CNN" if m["model"] == "cnn" else "ST-CNN Aff"
-        mine = frame[frame.row == row].set_index("step")
-        for step, error in val.items():  # two lrs per row: each lies within the min and max
-            assert mine.loc[step, "min"] <= error + 1e-6 and error <= mine.loc[step, "max"] + 1e-6
+        mine = frame[(frame.row == row) & (frame.lr == m["lr"])].set_index("step")
+        for step, error in val.items():  # a line per (row, lr): one run, its own values
+            assert mine.loc[step, "mean"] == pytest.approx(error)
             assert mine.loc[step, "images"] == step * 64
     assert (frame.seconds > 0).all() and (frame.n == 1).all()  # one seed per (row, lr)
+    assert len(frame) == 4 * 2  # 2 rows x 2 lrs, never pooled, x 2 validations
     with Image.open(tmp / "tables" / "curves.png") as png:
         assert png.format == "PNG" and png.height > 300
 
@@ -386,6 +387,21 @@ def test_paper_addition_is_appendix_a1s_rows_and_ours():
                                     transformers=cfg.model.transformers))  # fmt: skip
     assert {"FCN", "CNN", "ST-FCN Aff", "2xST-FCN Aff"} <= labels  # the paper's A.1 rows
     assert {"ST-CNN Aff", "2xST-CNN Aff"} <= labels
+
+
+def test_a_second_spelling_of_a_run_says_so_and_the_report_counts_it_once(mnist_root, bin_dir,
+                                                                          tmp_path):  # fmt: skip
+    first = cli(bin_dir, tmp_path, "stnbench-train", "model=cnn", *TINY)
+    assert first.returncode == 0, first.stderr
+    again = cli(bin_dir, tmp_path, "stnbench-train", "row=cnn", "optim=sgd", *TINY)
+    assert again.returncode == 0, again.stderr
+    assert "is the same configuration as" in again.stdout + again.stderr
+    assert "finished: not training it again" in again.stdout + again.stderr
+    assert len(list((tmp_path / "outputs").rglob("metrics.json"))) == 1
+    rep = cli(bin_dir, tmp_path, "stnbench-report", "outputs/runs")
+    assert rep.returncode == 0, rep.stderr
+    assert "1 runs (1 ok); 1 duplicates set aside" in rep.stdout
+    assert "set aside, counted once" in rep.stderr
 
 
 def test_paper_fcn_is_every_fully_connected_cell_once_on_fresh_draws():

@@ -157,9 +157,10 @@ def test_finished_run_is_not_trained_again(runs, caplog):
 
 def test_same_seed_same_metrics_other_seed_other_metrics(mnist_root, tmp_path):
     args = ("data=plain", "model=st_fcn", "transform=tps", "train.steps=40", "train.val_every=20")
-    a = train(config(*args), tmp_path / "a")
-    b = train(config(*args), tmp_path / "b")
-    c = train(config(*args, "seed=1"), tmp_path / "c")
+    # one configuration twice, each in a folder of its own (side by side they would be one run)
+    a = train(config(*args), tmp_path / "a" / "run")
+    b = train(config(*args), tmp_path / "b" / "run")
+    c = train(config(*args, "seed=1"), tmp_path / "c" / "run")
     keys = ("test_error", "val_error", "best_test_error", "test_error_untransformed")
     assert [a[k] for k in keys] == [b[k] for k in keys]
     assert [a[k] for k in keys] != [c[k] for k in keys]
@@ -180,9 +181,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(mnist_root, bin_dir, tmp_
     def command(out):
         return [str(bin_dir / "stnbench-train"), *args, f"hydra.run.dir={out}"]
 
-    whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True)
+    whole = subprocess.run(command(tmp_path / "whole" / "run"), capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
-    killed = tmp_path / "killed"
+    killed = tmp_path / "killed" / "run"  # apart from whole's: beside it, it would be that run
     proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
@@ -195,7 +196,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(mnist_root, bin_dir, tmp_
     resumed = subprocess.run(command(killed), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in (killed / "train.log").read_text()
-    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    a = json.loads((tmp_path / "whole" / "run" / "metrics.json").read_text())
     b = json.loads((killed / "metrics.json").read_text())
     for key in (
         "test_error",
@@ -268,12 +269,12 @@ def test_a_fresh_run_resumes_bit_for_bit(mnist_copy, tmp_path):
     resumed equals the uninterrupted one; the fixed training set is never built."""
     args = ("data=r", "row=st_fcn_aff", "data.fresh=true", "train.steps=120",
             "data.train_size=2000", f"data.root={mnist_copy}")  # fmt: skip
-    whole = train(config(*args), tmp_path / "whole")
+    whole = train(config(*args), tmp_path / "whole" / "run")  # apart: beside, one run
     calls = iter(range(10**6))
     with pytest.raises(Interrupted):
-        train(config(*args), tmp_path / "cut", stop=lambda: next(calls) >= 70)
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt")["state"]["step"] == 70
-    cut = train(config(*args), tmp_path / "cut")
+        train(config(*args), tmp_path / "cut" / "run", stop=lambda: next(calls) >= 70)
+    assert torch.load(tmp_path / "cut" / "run" / "checkpoint.pt")["state"]["step"] == 70
+    cut = train(config(*args), tmp_path / "cut" / "run")
     keys = ("test_error", "val_error", "best_test_error", "best_val_error", "transform_spread")
     assert [whole[k] for k in keys] == [cut[k] for k in keys] and cut["steps"] == 120
     assert whole["fresh"] is True
@@ -284,6 +285,27 @@ def test_a_fresh_run_resumes_bit_for_bit(mnist_copy, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_spellings_of_one_configuration_are_one_run(mnist_root, tmp_path, caplog):
+    """row=fcn and model=fcn, a default spelled out (optim=sgd) or not, 1e-2 or 0.01: one
+    configuration, trained once, in the folder of the first spelling."""
+    args = ("data=plain", "train.steps=40", "train.val_every=20")
+    first = train(config(*args, "model=fcn", "optim.lr=0.02"), tmp_path / "model=fcn")
+    caplog.set_level("INFO")
+    again = train(config(*args, "row=fcn", "optim=sgd", "optim.lr=2e-2"), tmp_path / "row=fcn")
+    assert again == first and not (tmp_path / "row=fcn").exists()
+    line = f"{tmp_path / 'row=fcn'} is the same configuration as {tmp_path / 'model=fcn'}, "
+    assert line + "finished: not training it again" in caplog.text
+    # an unfinished first spelling is resumed where it is, not started again beside it
+    calls = iter(range(10**6))
+    with pytest.raises(Interrupted):
+        train(config(*args, "model=cnn"), tmp_path / "a", stop=lambda: next(calls) >= 30)
+    done = train(config(*args, "row=cnn"), tmp_path / "b")
+    assert done["steps"] == 40 and (tmp_path / "a" / "metrics.json").exists()
+    assert not (tmp_path / "b").exists() and "resuming" in caplog.text
+    other = train(config(*args, "model=fcn", "optim.lr=0.03"), tmp_path / "lr=0.03")
+    assert other["lr"] == 0.03 and (tmp_path / "lr=0.03" / "metrics.json").exists()
+
+
 def test_another_configuration_in_the_same_folder_is_refused(runs):
     from stnbench.errors import StnbenchError
 
@@ -358,7 +380,7 @@ def test_loc_lr_mult_reaches_every_localisation_net(options):
 def test_label_smoothing_changes_the_training_loss_and_nothing_else(mnist_root, tmp_path):
     args = ("data=plain", "model=fcn", "train.steps=20", "train.val_every=10", "train.log_every=1")
     plain = train(config(*args), tmp_path / "plain")
-    zero = train(config(*args, "train.label_smoothing=0"), tmp_path / "zero")
+    zero = train(config(*args, "train.label_smoothing=0"), tmp_path / "zero" / "run")  # apart
     smooth = train(config(*args, "train.label_smoothing=0.2"), tmp_path / "smooth")
     keys = ("test_error", "val_error", "test_error_untransformed")
     assert [plain[k] for k in keys] == [zero[k] for k in keys]  # 0: the plain loss, exactly
@@ -378,8 +400,8 @@ def test_ema_is_what_is_evaluated_and_resumes_exactly(mnist_root, tmp_path, monk
     import stnbench.train as loop
 
     args = ("data=plain", "model=st_cnn", "train.steps=40", "train.val_every=20", "train.ema=0.9")
-    whole = train(config(*args), tmp_path / "whole")
-    ckpt = torch.load(tmp_path / "whole" / "checkpoint.pt")
+    whole = train(config(*args), tmp_path / "whole" / "run")  # apart from resumed's
+    ckpt = torch.load(tmp_path / "whole" / "run" / "checkpoint.pt")
     cfg = config(*args)
     cpu = torch.device("cpu")
     model = loop.prepare(models.from_config(dict(cfg.model), dict(cfg.transform), 28), cpu)
@@ -506,9 +528,12 @@ def test_training_on_addition_learns_the_sums(mnist_root, tmp_path, row):
 BAD = [
     (["data=mnist"], "Could not find 'data/mnist'"),
     (["model=resnet"], "Could not find 'model/resnet'"),
-    (["optim.lr=0"], "optim.lr must be a number in (0, inf]"),
-    (["optim.lr=-0.1"], "optim.lr must be a number in (0, inf]"),
-    (["optim.lr=fast"], "optim.lr must be a number in (0, inf]; got 'fast'"),
+    (["optim.lr=0"], "optim.lr must be a finite number > 0"),
+    (["optim.lr=-0.1"], "optim.lr must be a finite number > 0"),
+    (["optim.lr=inf"], "optim.lr must be a finite number > 0; got inf"),
+    (["optim.lr=1e400"], "got inf (a number beyond a float's range reads as inf)"),
+    (["train.collapse.grace=2"], "train.collapse.grace must be a number in [0, 1]; got 2"),
+    (["optim.lr=fast"], "optim.lr must be a finite number > 0; got 'fast'"),
     (["train.steps=0"], "train.steps must be an integer >= 1; got 0"),
     (
         ["data.train_size=100", "train.batch_size=256"],
@@ -519,12 +544,12 @@ BAD = [
     (["seed=1.5"], "seed must be an integer >= 0; got 1.5"),
     (["model.residual=maybe"], "model.residual must be true or false; got 'maybe'"),
     (["model.out_size=0"], "model.out_size must be a positive integer or null; got 0"),
-    (["-m", "optim.lr=0.01,0"], "optim.lr must be a number in (0, inf]; got 0"),
+    (["-m", "optim.lr=0.01,0"], "optim.lr must be a finite number > 0; got 0"),
     (["optim.lrr=0.1"], "unknown key optim.lrr; expected one of name, lr, momentum"),
     (["train.steps=abc"], "train.steps must be an integer >= 1; got 'abc'"),
     (["data.recipe.canvass=30"], "unknown key data.recipe.canvass; expected one of canvas,"),
     (["model=cnn", "model.tanh=true"], "model.tanh must be left unset: model=cnn has no"),
-    (["-m", "optim.lr=0.01,fast"], "optim.lr must be a number in (0, inf]; got 'fast'"),
+    (["-m", "optim.lr=0.01,fast"], "optim.lr must be a finite number > 0; got 'fast'"),
     (["data=plain", "data.recipe.canvas=40"], "sets a key under a setting that is null"),
     (["model=st_fcn", "model.budget=1000"], "budget 1000 is below the smallest such model"),
     (["data=r", "data.recipe.canvas=20"], "data.recipe.canvas must be an integer >= 28"),

@@ -37,7 +37,11 @@ def main() -> int:
         written = report.write(runs, out)
         counts = runs.status.value_counts()
         summary = ", ".join(f"{counts[s]} {s}" for s in report.STATUSES if s in counts)
-        print(f"{len(runs)} runs ({summary})\n")
+        twins = len(runs.attrs["duplicates"])
+        print(
+            f"{len(runs)} runs ({summary})" + (f"; {twins} duplicates set aside" if twins else "")
+        )
+        print()
         print((out / "table.md").read_text())
         print("wrote " + ", ".join(str(p) for p in written))
 
