@@ -19,8 +19,10 @@ from stnbench.files import atomic_path
 
 DONE = ("ok", "collapsed", "diverged")  # runs whose curves are whole
 STYLES = ("-", "--", ":", "-.")  # a line style per protocol
-# TensorBoard's reader logs its file bookkeeping at INFO ("No path found after ..."): not ours
-logging.getLogger("tensorboard").setLevel(logging.WARNING)
+# TensorBoard's reader logs its file bookkeeping at INFO ("No path found after ...") and, for a
+# resumed run, "Detected out of order event.step ... Purging expired events" at WARNING: the
+# purge is what a resume asks for (SummaryWriter's purge_step), not the report's news
+logging.getLogger("tensorboard").setLevel(logging.ERROR)
 
 
 def events(folder: str | Path) -> pd.DataFrame:

@@ -11,12 +11,14 @@ best-validation model's is ``best_test_error``.
 """
 
 import datetime
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -343,8 +345,15 @@ def save_checkpoint(r: "Run") -> None:
             "optimizer": r.opt.state_dict(), "state": vars(r.state)}  # fmt: skip
     if r.ema is not None:
         blob["ema"] = r.ema.state_dict()
-    with atomic_path(r.out / "checkpoint.pt") as tmp:
-        torch.save(blob, tmp)
+    path = r.out / "checkpoint.pt"
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(blob, tmp)
+        except RuntimeError as e:  # torch's writer says "[enforce fail at inline_container.cc
+            # ...] ... file write failed" where the disk is full: say that, as an OSError would
+            if "file write failed" not in str(e) or shutil.disk_usage(path.parent).free > 2**26:
+                raise
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
 
 
 # --- steps and evaluation -----------------------------------------------------------------------

@@ -53,6 +53,13 @@ def test_bad_input_is_one_line_and_exit_2(bin_dir, tmp_path):
         run(bin_dir, "preview", f"data.root={afile}", cwd=tmp_path), f"data root {afile} is a file"
     )
     one_line_error(run(bin_dir, "preview", "preview.n=0", cwd=tmp_path), "preview.n")
+    one_line_error(  # before any work (it allocated 42 GB, then failed)
+        run(bin_dir, "preview", "preview.n=100000", cwd=tmp_path),
+        "preview.n must be an integer in [1, 256]; got 100000",
+    )
+    one_line_error(
+        run(bin_dir, "fetch", "data.root=/proc/nope", cwd=tmp_path), "data.root must be a folder"
+    )
     one_line_error(run(bin_dir, "preview", "preview.nn=3", cwd=tmp_path), "preview.nn")
     one_line_error(
         run(bin_dir, "train", cwd=tmp_path), "unknown action 'train'", "fetch, build, preview"

@@ -207,14 +207,24 @@ def test_a_killed_run_leaves_no_stale_lock(mnist_root, bin_dir, tmp_path):
     resume_then_stop(bin_dir, out, step, "train.steps=100000")
 
 
-def test_a_full_disk_is_one_line_and_records_no_result(mnist_root, bin_dir, tmp_path):
-    """torch.save failing as on a full disk, in the real command (a patched interpreter)."""
+FULL = {  # how a full disk reaches torch.save's caller: an OSError, or torch's writer's own
+    "oserror": "raise OSError(errno.ENOSPC, 'No space left on device', str(f))",
+    "torch": "raise RuntimeError('[enforce fail at inline_container.cc:672] . PytorchStreamWriter"
+    " failed writing file data/0: file write failed')",
+}
+
+
+@pytest.mark.parametrize("how", FULL)
+def test_a_full_disk_is_one_line_and_records_no_result(mnist_root, bin_dir, tmp_path, how):
+    """torch.save failing as on a full disk, in the real command (a patched interpreter whose
+    disk has 1 MB left)."""
     out = tmp_path / "run"
     patch = (
-        "import errno, sys, torch\n"
+        "import errno, shutil, sys, torch\n"
         "def full(obj, f, *a, **k):\n"
-        "    raise OSError(errno.ENOSPC, 'No space left on device', str(f))\n"
+        f"    {FULL[how]}\n"
         "torch.save = full\n"
+        "shutil.disk_usage = lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6)\n"
         "from stnbench.cli.train import main\n"
         "sys.argv = ['stnbench-train', *sys.argv[1:]]\n"
         "sys.exit(main())\n"
@@ -229,6 +239,31 @@ def test_a_full_disk_is_one_line_and_records_no_result(mnist_root, bin_dir, tmp_
     assert "Traceback (most recent call last)" in (out / "train.log").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["test_error"] is None
+
+
+def test_out_of_memory_says_to_lower_the_batch_not_to_rerun(mnist_root, bin_dir, tmp_path):
+    """A training step whose allocation fails, as torch's CPU allocator says it, in the real
+    command (a patched interpreter): a rerun would fail the same way."""
+    out = tmp_path / "run"
+    patch = (
+        "import sys, stnbench.train as t\n"
+        "def oom(*a, **k):\n"
+        "    raise RuntimeError(\"DefaultCPUAllocator: can't allocate memory: you tried to "
+        'allocate 42949672960 bytes. Error code 12 (Cannot allocate memory)")\n'
+        "t.train_step = oom\n"
+        "from stnbench.cli.train import main\n"
+        "sys.argv = ['stnbench-train', *sys.argv[1:]]\n"
+        "sys.exit(main())\n"
+    )
+    args = [*RUN, "train.steps=40", f"hydra.run.dir={out}"]
+    result = subprocess.run(
+        [sys.executable, "-c", patch, *args], capture_output=True, text=True, timeout=120
+    )
+    line = one_line(result, 1)
+    assert line.startswith(f"stnbench-train: error: {out}: failed: RuntimeError: DefaultCPU")
+    assert line.endswith("out of memory: lower train.batch_size (50) or train.eval_batch_size "
+                         "(1000) and rerun")  # fmt: skip
+    assert "rerun the same command" not in line
 
 
 def test_an_output_dir_that_cannot_be_made_is_one_line(bin_dir, tmp_path):

@@ -290,6 +290,18 @@ def test_mixed_budgets_are_warned_about(tmp_path):
     assert warning == "ST-CNN Aff on rts: runs differ in planned_steps (100, 200)"
 
 
+def test_a_folder_where_no_run_has_finished_is_a_table_of_unfinished_runs(bin_dir, tmp_path):
+    """Just after a sweep starts, or after a Ctrl-C in its first round: the count, no traceback."""
+    folder = run_folder(tmp_path / "runs", "a")
+    (folder / "metrics.json").unlink()
+    from stnbench.cli import load_config
+
+    OmegaConf.save(load_config("stnbench_train", ["model=cnn"]), folder / ".hydra" / "config.yaml")
+    r = run_cli(bin_dir, str(tmp_path / "runs"))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "1 runs (1 unfinished)" in r.stdout and "[1 unfinished]" in r.stdout
+
+
 def run_cli(bin_dir, *args):
     command = [str(bin_dir / "stnbench-report"), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)

@@ -36,8 +36,9 @@ def run(prog: str, fn: Callable[[], object]) -> int:
         return 130
     except OSError as e:  # a full disk, a read-only folder: what to free or fix, in one line
         where = f" writing {e.filename}" if e.filename else ""
-        print(f"{prog}: error: {e.strerror or e}{where}; fix it and rerun the same command "
-              "(a run resumes from its last checkpoint)", file=sys.stderr)  # fmt: skip
+        resumes = " (a run resumes from its last checkpoint)" if prog == "stnbench-train" else ""
+        print(f"{prog}: error: {e.strerror or e}{where}; fix it and rerun the same "
+              f"command{resumes}", file=sys.stderr)  # fmt: skip
         return 1
     except AssertionError as e:  # OmegaConf's, for a key set under a null node
         if "Unexpected type for root: NoneType" not in str(e):

@@ -13,6 +13,7 @@ from stnbench import config  # noqa: F401  (registers the schemas in Hydra's Con
 from stnbench.cli import run
 
 PROG = "stnbench-lr-find"
+RAISED: list[Exception] = []  # by the job, raised again by main() (Hydra would add a line first)
 
 
 @hydra.main(config_path="pkg://stnbench.conf", config_name="stnbench_lr_find", version_base="1.3")
@@ -20,7 +21,11 @@ def app(cfg: DictConfig) -> None:
     from stnbench.lr_find import range_test
 
     out = Path(HydraConfig.get().runtime.output_dir)
-    s = range_test(cfg, out)
+    try:
+        s = range_test(cfg, out)
+    except Exception as e:
+        RAISED.append(e)
+        return
     where = os.path.relpath(out)
     print(f"{PROG}: {s['steps']} steps up to lr {s['stopped_lr']:.3g} -> {where}/lr_find.png")
     if s["collapse_lr"] is not None:
@@ -35,7 +40,13 @@ def app(cfg: DictConfig) -> None:
 
 def main() -> int:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra's errors reach run(): one line each
-    return run(PROG, app)
+
+    def body() -> None:
+        app()
+        if RAISED:
+            raise RAISED[0]
+
+    return run(PROG, body)
 
 
 if __name__ == "__main__":

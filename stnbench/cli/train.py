@@ -64,9 +64,14 @@ def job(cfg: DictConfig) -> dict | None:
         to_log_file(e)
         failed = f"{out}: failed: {type(e).__name__}: {one_line(e)[:300]}"
         failed += "; the traceback is in its train.log"
+        retry = "rerun the same command to retry (it resumes)"
+        if out_of_memory(e):  # a rerun fails the same way
+            t = cfg.train
+            retry = f"out of memory: lower train.batch_size ({t.batch_size}) or "
+            retry += f"train.eval_batch_size ({t.eval_batch_size}) and rerun"
         ended(
             1, f"{failed}; recorded in metrics.json, retried when the sweep is rerun", sweep,
-            f"{failed}; rerun the same command to retry (it resumes)", metrics["status"],
+            f"{failed}; {retry}", metrics["status"],
         )  # fmt: skip
         return metrics
     OUTCOMES[metrics["status"]] += 1
@@ -75,6 +80,12 @@ def job(cfg: DictConfig) -> dict | None:
         print(f"{PROG}: {metrics['status']}, test error {metrics['test_error']}% -> {where}")
         print(f"TensorBoard: tensorboard --logdir {where}")
     return metrics
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether a crash is an allocation that failed (torch's CPU and CUDA allocators, Python)."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or "out of memory" in text or "can't allocate" in text
 
 
 def count_returns(returns: list[JobReturn]) -> None:
