@@ -29,12 +29,7 @@ import torch  # noqa: E402
 
 from stnbench import data, report, tblog  # noqa: E402
 from stnbench.train import trained_model  # noqa: E402
-
-
-def ink_share(images: torch.Tensor) -> torch.Tensor:
-    """Share of each two-channel image's ink (N, 2, H, W) that lies in channel 0, (N,)."""
-    ink = images.flatten(2).sum(2)  # (N, 2)
-    return ink[:, 0] / ink.sum(1).clamp_min(1e-8)
+from stnbench.transformer import ink_share  # noqa: E402
 
 
 @torch.no_grad()

@@ -102,6 +102,16 @@ BLANK_INK = 0.1  # a transformer whose outputs hold less than this share of the 
 # samples blank space (it flew off, or zoomed out to a dot): a collapse, whatever the budget
 
 
+def ink_share(images: Tensor) -> Tensor:
+    """The share of each two-channel image's ink (N, 2, H, W) that lies in channel 0, (N,). On
+    MNIST addition, where channel 0 holds the first digit and channel 1 its partner, a
+    transformer that attends to the first digit keeps most of channel 0's ink (share > 0.5 for
+    that image); ``(ink_share(out) > 0.5).mean()`` over the test set is its mostly_channel0
+    (1 for outputs that show the first digit alone, about 0.5 for the input itself)."""
+    ink = images.flatten(2).sum(2)  # (N, 2)
+    return ink[:, 0] / ink.sum(1).clamp_min(1e-8)
+
+
 @torch.no_grad()
 def ink(t: "SpatialTransformer", x: Tensor) -> float:
     """The mean intensity of the transformer's outputs for inputs x over that of x (~1 near the

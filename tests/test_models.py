@@ -240,3 +240,21 @@ def test_liveness_tells_a_dead_transformer_from_a_working_one(loc):
     torch.testing.assert_close(params, dead.regress.bias.expand(64, -1))
     assert not fired[-last:].any() and fired[:-last].any()
     assert 1 - fired.float().mean() >= last / len(fired)
+
+
+def test_the_attention_measure_is_1_for_one_digit_alone_and_one_half_on_the_input(mnist_root):
+    """mostly_channel0 (scripts/addition_attention.py), per image: outputs built by hand to show
+    the first digit alone score 1, the second digit alone 0, the addition input itself 0.5
+    (the two digits' ink is as often more in one channel as in the other)."""
+    from stnbench.data import load
+    from stnbench.transformer import ink_share
+
+    x, _ = load("addition", "test")  # (N, 2, 42, 42): first digit, partner
+    first, second = x.clone(), x.clone()
+    first[:, 1], second[:, 0] = 0, 0
+    assert (ink_share(first) > 0.5).float().mean().item() == 1.0
+    assert (ink_share(second) > 0.5).float().mean().item() == 0.0
+    assert (ink_share(x) > 0.5).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    # both digits zoomed, the first larger: per image it is the first, whatever the mean says
+    both = first * 0.7 + second * 0.3
+    assert (ink_share(both) > 0.5).float().mean().item() > 0.9
