@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +105,25 @@ def test_bad_input_messages(tmp_path):
         data.load("cifar", "train")
     with pytest.raises(StnbenchError, match="unknown MNIST source 'web'"):
         mnist.fetch(tmp_path, source="web")
+
+
+def test_a_killed_writers_temporary_file_is_removed_and_a_live_ones_kept(tmp_path):
+    """A SIGKILL mid-write leaves .<name>.<pid>.<random>.tmp behind; the next write beside it
+    removes it if that pid is gone, and keeps a live writer's."""
+    import subprocess
+    import sys
+
+    from stnbench.files import atomic_path
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    orphan = tmp_path / f".train-seed0.pt.{gone.stdout.strip()}.abc123.tmp"
+    busy = tmp_path / f".train-seed0.pt.{os.getpid()}.def456.tmp"
+    other = tmp_path / f".val-seed0.pt.{gone.stdout.strip()}.ghi789.tmp"
+    for f in (orphan, busy, other):
+        f.write_bytes(b"x" * 1000)
+    with atomic_path(tmp_path / "train-seed0.pt") as tmp:
+        assert str(os.getpid()) in tmp.name
+        tmp.write_text("done")
+    assert (tmp_path / "train-seed0.pt").read_text() == "done"
+    assert not orphan.exists() and busy.exists() and other.exists()  # only this file's
