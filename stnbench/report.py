@@ -38,8 +38,8 @@ LEGEND = (
     "brackets the runs that collapsed, diverged, failed, are unfinished, unreadable or "
     "inconsistent; `@ lr`: "
     "the learning rate chosen on validation. Paper: Jaderberg et al. 2015, Table 1 (TC: the "
-    "text; Addition: Appendix A.1), 150,000 steps of 256; `ours:` beside it where the cell's "
-    "runs trained another budget, or on fresh distortions every epoch rather than a fixed set."
+    "text; Addition: Appendix A.1), 150,000 steps of 256. After ours, how ours trained where it "
+    "differs: another budget, or fresh distortions every epoch rather than a fixed set."
 )
 REQUIRED = ("status", "data", "model", "lr", "seed")  # what every run's row needs
 STATUSES = ("ok", "collapsed", "diverged", "failed", "unfinished", "unreadable", "inconsistent")
@@ -342,13 +342,12 @@ def _shown(table: pd.DataFrame, pm="±", diff="{:+.2f}") -> pd.DataFrame:
     text = {}
     for _, c in table.iterrows():
         name = COLUMNS.get(c["data"], c["data"])
-        paper = _fmt(c.paper, 1)
-        ours = [c.budget] if c.budget else []
-        ours += [c.regime] if REGIMES[True] in c.regime else []  # a fixed set is the default
-        paper += f" (ours: {', '.join(ours)})" if paper and ours else ""
+        notes = [c.budget] if c.budget else []  # how ours trained, beside ours (not the paper's)
+        notes += [c.regime] if REGIMES[True] in c.regime else []  # a fixed set is the default
+        text_ours = _ours(c, pm) + (f" @ lr {c.lr:g}" if c.lrs > 1 else "")
         shown = {
-            "ours": _ours(c, pm) + (f" @ lr {c.lr:g}" if c.lrs > 1 else ""),
-            "paper": paper,
+            "ours": text_ours + (f"; {', '.join(notes)}" if notes else ""),
+            "paper": _fmt(c.paper, 1),
             "diff": "" if pd.isna(c["diff"]) else diff.format(c["diff"]),
         }
         text.setdefault(c.row, {}).update({(name, k): v for k, v in shown.items()})

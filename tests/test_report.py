@@ -203,7 +203,8 @@ def test_a_budget_unlike_the_papers_is_named_beside_its_number(tmp_path):
     table = report.cells(report.collect([r]))
     rows = md_rows(report.markdown(table))
     assert rows[0][1:] == ["R", "R paper", "R diff", "RTS", "RTS paper", "RTS diff"]
-    assert rows[2][2] == "0.7" and rows[2][5] == "0.5 (ours: 2,500 steps of 64)"
+    assert rows[2][2] == "0.7" and rows[2][5] == "0.5"  # the paper's number, alone
+    assert rows[2][4] == "1.00 (1); 2,500 steps of 64"  # how ours trained, beside ours
 
 
 def test_the_data_regime_is_in_the_table_and_mixed_regimes_are_warned_about(tmp_path):
@@ -215,7 +216,8 @@ def test_the_data_regime_is_in_the_table_and_mixed_regimes_are_warned_about(tmp_
     runs = report.collect([r])
     table = report.cells(runs)
     rows = md_rows(report.markdown(table))
-    assert rows[2][2] == "1.2" and rows[3][5] == "0.5 (ours: fresh draws)"
+    assert rows[2][2] == "1.2" and rows[3][5] == "0.5"
+    assert rows[3][4] == "1.00 ± 0.00 (2); fresh draws"
     wide = report.wide(table)
     assert (wide.loc["CNN", "R data"], wide.loc["ST-CNN Aff", "RTS data"]) == (
         "fixed set", "fresh draws"
