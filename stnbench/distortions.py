@@ -205,8 +205,9 @@ class Draw:
 
     def images(self, idx: slice | Tensor, device=None) -> Tensor:
         """Images idx (B, digits, canvas, canvas) in [0, 1], on ``device``."""
-        channels = zip(self.plans, self.digits, strict=True)
-        return torch.cat([render(self.recipe, p, d, idx, device) for p, d in channels], dim=1)
+        channels = [render(self.recipe, p, d, idx, device)
+                    for p, d in zip(self.plans, self.digits, strict=True)]  # fmt: skip
+        return channels[0] if len(channels) == 1 else torch.cat(channels, dim=1)
 
 
 def chunk_size(device: torch.device) -> int:
