@@ -264,8 +264,9 @@ def batches(cfg: DictConfig, d: Splits, start: int):
             fresh = data.draw(c.name, "train", c.root, c.seed, recipe_of(cfg), epoch)
         for j in range(step % per_epoch, per_epoch):
             idx = order[j * b : (j + 1) * b]
-            if c.fresh:
-                yield fresh.images(idx.cpu(), dev), fresh.labels[idx.cpu()].to(dev)
+            if c.fresh:  # the draw's values live on the CPU
+                on_cpu = idx.cpu()
+                yield fresh.images(on_cpu, dev), fresh.labels[on_cpu].to(dev)
             else:
                 yield d["train"][0][idx], d["train"][1][idx]
         step = (epoch + 1) * per_epoch

@@ -207,6 +207,18 @@ def test_a_killed_run_leaves_no_stale_lock(mnist_root, bin_dir, tmp_path):
     resume_then_stop(bin_dir, out, step, "train.steps=100000")
 
 
+def patched_run(out, patch: str) -> str:
+    """The one line stnbench-train prints for a 40-step run in ``out`` in an interpreter that
+    first runs ``patch`` (Python source standing in for a fault)."""
+    main = "import sys\nfrom stnbench.cli.train import main\n"
+    main += "sys.argv = ['stnbench-train', *sys.argv[1:]]\nsys.exit(main())\n"
+    args = [*RUN, "train.steps=40", f"hydra.run.dir={out}"]
+    result = subprocess.run(
+        [sys.executable, "-c", patch + main, *args], capture_output=True, text=True, timeout=120
+    )
+    return one_line(result, 1)
+
+
 FULL = {  # how a full disk reaches torch.save's caller: an OSError, or torch's writer's own
     "oserror": "raise OSError(errno.ENOSPC, 'No space left on device', str(f))",
     "torch": "raise RuntimeError('[enforce fail at inline_container.cc:672] . PytorchStreamWriter"
@@ -219,21 +231,14 @@ def test_a_full_disk_is_one_line_and_records_no_result(mnist_root, bin_dir, tmp_
     """torch.save failing as on a full disk, in the real command (a patched interpreter whose
     disk has 1 MB left)."""
     out = tmp_path / "run"
-    patch = (
-        "import errno, shutil, sys, torch\n"
+    line = patched_run(
+        out,
+        "import errno, shutil, torch\n"
         "def full(obj, f, *a, **k):\n"
         f"    {FULL[how]}\n"
         "torch.save = full\n"
-        "shutil.disk_usage = lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6)\n"
-        "from stnbench.cli.train import main\n"
-        "sys.argv = ['stnbench-train', *sys.argv[1:]]\n"
-        "sys.exit(main())\n"
+        "shutil.disk_usage = lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6)\n",
     )
-    args = [*RUN, "train.steps=40", f"hydra.run.dir={out}"]
-    result = subprocess.run(
-        [sys.executable, "-c", patch, *args], capture_output=True, text=True, timeout=120
-    )
-    line = one_line(result, 1)
     assert line.startswith(f"stnbench-train: error: {out}: failed: OSError: [Errno 28] No space")
     assert "the traceback is in its train.log; rerun the same command to retry" in line
     assert "Traceback (most recent call last)" in (out / "train.log").read_text()
@@ -245,21 +250,14 @@ def test_out_of_memory_says_to_lower_the_batch_not_to_rerun(mnist_root, bin_dir,
     """A training step whose allocation fails, as torch's CPU allocator says it, in the real
     command (a patched interpreter): a rerun would fail the same way."""
     out = tmp_path / "run"
-    patch = (
-        "import sys, stnbench.train as t\n"
+    line = patched_run(
+        out,
+        "import stnbench.train as t\n"
         "def oom(*a, **k):\n"
         "    raise RuntimeError(\"DefaultCPUAllocator: can't allocate memory: you tried to "
         'allocate 42949672960 bytes. Error code 12 (Cannot allocate memory)")\n'
-        "t.train_step = oom\n"
-        "from stnbench.cli.train import main\n"
-        "sys.argv = ['stnbench-train', *sys.argv[1:]]\n"
-        "sys.exit(main())\n"
+        "t.train_step = oom\n",
     )
-    args = [*RUN, "train.steps=40", f"hydra.run.dir={out}"]
-    result = subprocess.run(
-        [sys.executable, "-c", patch, *args], capture_output=True, text=True, timeout=120
-    )
-    line = one_line(result, 1)
     assert line.startswith(f"stnbench-train: error: {out}: failed: RuntimeError: DefaultCPU")
     assert line.endswith("out of memory: lower train.batch_size (50) or train.eval_batch_size "
                          "(1000) and rerun")  # fmt: skip
