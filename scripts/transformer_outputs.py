@@ -1,9 +1,10 @@
 """What the spatial transformers of a sweep learned to do on an affine distortion (default RTS).
 
-1. A PNG: for each spatial-transformer row, the last ``transform/inputs_and_outputs`` image that
-   its run of seed --seed logged to TensorBoard, read back with TensorBoard's own
+1. A PNG: for each spatial-transformer row, the last ``transform/inputs_top_outputs_bottom``
+   image that its run of seed --seed logged to TensorBoard, read back with TensorBoard's own
    EventAccumulator: 8 fixed validation digits, each input with the outline of the region the
-   transformer samples, beside the transformer's output.
+   transformer samples, above the transformer's output (side by side in runs written before
+   2026-12-07).
 2. The pose of the digit in the transformer's output over the whole test set, for every run that
    ended ok (stnbench.pose): the spread of its rotation, zoom and centre, against the same
    figures for the input itself. A transformer that centres, scales and uprights the digits
@@ -28,19 +29,20 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from stnbench import data, pose, report  # noqa: E402
+from stnbench import data, pose, report, tblog  # noqa: E402
 from stnbench.config import recipe_of  # noqa: E402
 from stnbench.train import trained_model  # noqa: E402
 
-TAG = "transform/inputs_and_outputs"
+TAGS = [f"transform/{panel}" for panel in tblog.PANELS]
 
 
 def last_image(folder: str) -> tuple[int, Image.Image]:
     events = EventAccumulator(folder, size_guidance={"images": 0})
     events.Reload()
-    if TAG not in events.Tags()["images"]:
-        sys.exit(f"{folder}: no {TAG} images in its TensorBoard events")
-    last = events.Images(TAG)[-1]
+    tag = next((t for t in TAGS if t in events.Tags()["images"]), None)
+    if tag is None:
+        sys.exit(f"{folder}: no {TAGS[0]} images in its TensorBoard events")
+    last = events.Images(tag)[-1]
     return last.step, Image.open(io.BytesIO(last.encoded_image_string))
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from stnbench import tblog
 from stnbench.files import atomic_path
 
 DONE = ("ok", "collapsed", "diverged")  # runs whose curves are whole
@@ -28,12 +29,15 @@ logging.getLogger("tensorboard").setLevel(logging.ERROR)
 def events(folder: str | Path) -> pd.DataFrame:
     """One run's validations: step, val_error and seconds (the loop's wall time when the run
     logged ``time/seconds``, else the events' wall time since the run's first event)."""
+    if not Path(folder).is_dir():  # a run tabulated from a runs.csv, its folder elsewhere
+        return pd.DataFrame(columns=["step", "val_error", "seconds"])
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    if "val/error" not in tags:
+    tag = next((t for t in tblog.VAL_ERROR if t in tags), None)
+    if tag is None:
         return pd.DataFrame(columns=["step", "val_error", "seconds"])
-    val = acc.Scalars("val/error")
+    val = acc.Scalars(tag)
     if "time/seconds" in tags:
         seconds = {e.step: e.value for e in acc.Scalars("time/seconds")}
     else:  # runs written before time/seconds was logged

@@ -130,7 +130,9 @@ def set_aside_duplicates(runs: pd.DataFrame) -> pd.DataFrame:
     """Each configuration once: of the folders that hold one identity (another spelling of the
     command, a copy of a sweep), the one that ended first (ok, collapsed, diverged), else failed,
     else unfinished, first by path; attrs["duplicates"] names the others and the one kept."""
-    runs = runs.assign(identity=[_identity(Path(p)) for p in runs.path])
+    known = runs.identity if "identity" in runs else pd.Series(None, runs.index, object)
+    pairs = zip(known, runs.path, strict=True)  # a runs.csv's identity, else the folder's
+    runs = runs.assign(identity=[i if isinstance(i, str) else _identity(Path(p)) for i, p in pairs])
     rank = runs.status.map({"failed": 1, "unfinished": 2, "unreadable": 3, "inconsistent": 3})
     rank = rank.fillna(0)
     order = runs.assign(rank=rank).sort_values(["rank", "path"], kind="stable")
@@ -144,14 +146,38 @@ def set_aside_duplicates(runs: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def tabulated(path: Path) -> list[dict]:
+    """The runs of a runs.csv that write() wrote (a committed results folder's), as collect()'s
+    records: its cells can be rebuilt, in today's layout, where the run folders are gone."""
+    try:
+        runs = pd.read_csv(path)
+    except (ValueError, OSError) as e:
+        raise StnbenchError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    missing = [k for k in (*REQUIRED, "path") if k not in runs]
+    if missing:
+        raise StnbenchError(
+            f"{path}: no {', '.join(missing)} column (expected a runs.csv that stnbench-report "
+            "wrote)"
+        )
+    runs = runs.drop(columns=["row"], errors="ignore").astype(object)
+    return [{k: v for k, v in run.items() if not pd.isna(v)} for run in runs.to_dict("records")]
+
+
 def collect(dirs: list[str | Path]) -> pd.DataFrame:
-    """One row per run folder below ``dirs``: its metrics.json, or an unfinished Hydra run."""
+    """One row per run folder below ``dirs``: its metrics.json, or an unfinished Hydra run;
+    a ``dirs`` entry may also be a runs.csv (``tabulated``)."""
     from stnbench.train import disagreement
 
     records, unreadable = {}, []
     for d in map(Path, dirs):
+        if d.is_file() and d.suffix == ".csv":  # a runs.csv this command wrote: tabulated again
+            for m in tabulated(d):
+                records[("csv", str(d), m["path"])] = {**m, "source": m.get("source") or str(d)}
+            continue
         if not d.is_dir():
-            raise StnbenchError(f"{d}: no such folder (expected a folder of runs)")
+            raise StnbenchError(
+                f"{d}: no such folder (expected a folder of runs, or a runs.csv it wrote)"
+            )
         for path in sorted(d.rglob("metrics.json")):
             folder = path.parent.resolve()
             try:

@@ -1,4 +1,11 @@
-"""TensorBoard diagnostics of a spatial transformer, written into the run's own folder."""
+"""TensorBoard diagnostics of a spatial transformer, written into the run's own folder.
+
+Tags are named so that TensorBoard opens on what a researcher looks at first: its Time Series
+dashboard sorts groups (a tag's prefix) by name and expands the first two, so the error curves
+are ``error/train``, ``error/val`` (and ``error/val_untransformed``), then ``loss/...``. The
+final results are ``result/...`` at the last step, for the HPARAMS dashboard to read. Runs
+written before 2026-12-07 used ``train/``, ``val/``, ``hparam/`` (step 0) and
+``inputs_and_outputs``; the readers take both (``VAL_ERROR``, ``PANELS``)."""
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +16,9 @@ from torch.utils.tensorboard.summary import hparams
 from stnbench import geometry
 
 OUTLINE = 4  # the outline is traced at 4x the output's resolution, so it draws as a line
+PANEL = "inputs_top_outputs_bottom"  # the image a transformer's diagnostics log, under transform/
+PANELS = (PANEL, "inputs_and_outputs")  # its tag, newest first (the older: pairs side by side)
+VAL_ERROR = ("error/val", "val/error")  # the validation error's tag, newest first
 
 
 def rgb(images: Tensor) -> Tensor:
@@ -36,22 +46,24 @@ def outline(images: Tensor, kind: str, params: Tensor, out_size: int) -> Tensor:
 
 
 def transform_panel(images: Tensor, out: Tensor, kind: str, params: Tensor) -> Tensor:
-    """One image (3, H', W'): inputs with their grid's outline, beside the transformer's output."""
+    """One image (3, H', W'): the B inputs in a row, each with its grid's outline, above the
+    transformer's B outputs (``PANEL``)."""
     size = images.shape[-1]
     drawn = outline(images, kind, params, out.shape[-1])
     shown = F.interpolate(out, size=(size, size), mode="nearest") if out.shape[-1] != size else out
-    pairs = torch.stack([drawn, rgb(shown)], dim=1).flatten(0, 1)  # (2B, 3, H, W)
+    rows = torch.cat([drawn, rgb(shown)])  # (2B, 3, H, W): inputs, then their outputs
     # imported here: torchvision's import takes 1.4 s (it loads torch._dynamo), which runs
     # without a transformer need not pay
     from torchvision.utils import make_grid
 
-    return make_grid(pairs.clamp(0, 1).cpu(), nrow=8, padding=2, pad_value=0.5)
+    return make_grid(rows.clamp(0, 1).cpu(), nrow=len(images), padding=2, pad_value=0.5)
 
 
-def write_hparams(writer: SummaryWriter, hparam: dict, metrics: dict) -> None:
-    """Hparams and their final metrics into the writer's own run (add_hparams makes a sub-run)."""
-    scalars = {f"hparam/{k}": v for k, v in metrics.items()}
+def write_hparams(writer: SummaryWriter, hparam: dict, metrics: dict, step: int) -> None:
+    """Hparams and their final metrics (``result/<name>`` at the last step) into the writer's
+    own run (add_hparams makes a sub-run)."""
+    scalars = {f"result/{k}": v for k, v in metrics.items()}
     for summary in hparams(hparam, scalars):
         writer.file_writer.add_summary(summary)
     for tag, value in scalars.items():
-        writer.add_scalar(tag, value)
+        writer.add_scalar(tag, value, step)

@@ -469,7 +469,7 @@ def log_training(r: Run) -> None:
     mean_loss = float(r.loss_sum) / r.since_log  # the one host sync per log_every
     error = 100.0 * int(r.wrong_sum) / (r.since_log * t.batch_size)
     lr = r.cfg.optim.lr * lr_factor(r.cfg.schedule, step - 1, t.steps)
-    for tag, value in (("train/loss", mean_loss), ("train/error", error), ("lr", lr)):
+    for tag, value in (("loss/train", mean_loss), ("error/train", error), ("lr", lr)):
         r.writer.add_scalar(tag, value, step)
     rate = r.since_log * t.batch_size / (time.perf_counter() - r.t_log)
     r.bar.set_postfix_str(f"loss {mean_loss:.4f} error {error:.1f}% lr {lr:.2e} {rate:.0f} img/s")
@@ -499,9 +499,8 @@ def diagnose(t, x: Tensor, batch: int, writer, step: int, tag: str = "") -> tupl
     writer.add_scalar(f"transform/{tag}ink", share, step)
     with torch.no_grad():
         shown, p = t(x[:8])
-    writer.add_image(
-        f"transform/{tag}inputs_and_outputs", tblog.transform_panel(x[:8], shown, t.kind, p), step
-    )
+    panel = tblog.transform_panel(x[:8], shown, t.kind, p)
+    writer.add_image(f"transform/{tag}{tblog.PANEL}", panel, step)
     return distance, spread.max().item(), 1 - fired.float().mean().item(), share
 
 
@@ -512,13 +511,13 @@ def validate(r: Run) -> None:
     step = state.step
     model.eval()
     loss, err = evaluate(model, *d["val"], t.eval_batch_size)
-    writer.add_scalar("val/loss", loss, step)
-    writer.add_scalar("val/error", err, step)
+    writer.add_scalar("loss/val", loss, step)
+    writer.add_scalar("error/val", err, step)
     writer.add_scalar("time/seconds", state.seconds, step)  # the loop's wall time so far
     line = f"step {step}: val loss {loss:.4f}, error {err:.2f}%"
     if models.is_st(r.cfg.model.name):
         _, err_raw = evaluate(model.untransformed, *d["val"], t.eval_batch_size)
-        writer.add_scalar("val/error_untransformed", err_raw, step)
+        writer.add_scalar("error/val_untransformed", err_raw, step)
         several = len(model.transformers) > 1  # one transformer: its tags as they always were
         distance, spread, dead, shares = zip(*(
             diagnose(tr, d["val"][0], t.eval_batch_size, writer, step, f"t{i + 1}/" * several)
@@ -607,7 +606,8 @@ def finish(r: Run) -> dict:
     hparam = {k: metrics[k] for k in HPARAMS} | {"seed": metrics["seed"]}
     hparam |= {"transform": metrics["transform"] or "none", "residual": bool(metrics["residual"])}
     keys = ("test_error", "val_error", "best_test_error")
-    tblog.write_hparams(r.writer, hparam, {k: metrics[k] for k in keys if metrics[k] is not None})
+    final = {k: metrics[k] for k in keys if metrics[k] is not None}
+    tblog.write_hparams(r.writer, hparam, final, state.step)
     r.writer.close()
     write_json(r.out / "metrics.json", metrics)
     log.info("%s: %s; test error %s%% (best-validation model %s%%)", r.out, metrics["status"],

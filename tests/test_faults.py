@@ -150,8 +150,9 @@ def test_an_interrupted_sweep_checkpoints_its_running_jobs(
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == (
-        "stnbench-train: sweep interrupted; its running jobs saved their checkpoints (each "
-        "job's line above says at which step): rerun the same command to resume"
+        "stnbench-train: sweep interrupted: of its 4 jobs, 2 stopped mid-run after saving a "
+        "checkpoint (each job's line says at which step), 2 never started: rerun the same "
+        "command to resume"
     )
     ran = [f.parent for f in sweep.rglob("checkpoint.pt")]
     assert len(ran) == 2 and not list(sweep.rglob("metrics.json"))  # the others never started

@@ -4,12 +4,13 @@ paper's numbers, warnings, bad input. (test_sweeps.py checks it against real run
 import json
 import math
 import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from stnbench import report
+from stnbench import curves, report, tblog
 from stnbench.cli import load_config
 from stnbench.errors import StnbenchError
 
@@ -360,3 +361,44 @@ def test_runs_trained_before_the_loc_lr_fix_are_warned_about(tmp_path):
     assert len(warnings) == 2, warnings
     assert warnings[0].startswith("2xST-FCN Aff on rts: 1 runs trained before commit 666d9d5")
     assert warnings[1].startswith("ST-CNN Aff (multi) on rts: 1 runs trained before commit")
+
+
+@pytest.mark.parametrize("tag", tblog.VAL_ERROR)
+def test_curves_read_the_validation_error_under_its_tag_and_the_older_one(tmp_path, tag):
+    """Runs written before the error curves were renamed (val/error) still draw their curves."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(tmp_path) as writer:
+        for step, value in [(50, 60.0), (100, 30.0)]:
+            writer.add_scalar(tag, value, step)
+            writer.add_scalar("time/seconds", step / 10, step)
+    frame = curves.events(tmp_path)
+    assert frame.to_dict("list") == {"step": [50, 100], "val_error": [60.0, 30.0],
+                                     "seconds": [5.0, 10.0]}  # fmt: skip
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "outputs" / "results"
+
+
+@pytest.mark.parametrize(
+    "folder", sorted(p.parent.relative_to(RESULTS) for p in RESULTS.rglob("table.csv")), ids=str
+)
+def test_every_committed_table_is_what_its_runs_csv_makes(folder, tmp_path):
+    """Each committed results folder's tables are stnbench-report's, today, of its runs.csv:
+    every configuration counted once (no two of its runs share an identity) and each cell as
+    committed (the tables were rebuilt this way when the layout last changed)."""
+    runs = report.collect([RESULTS / folder / "runs.csv"])
+    assert runs.attrs["duplicates"] == []
+    ids = runs.identity.dropna()
+    assert not ids.duplicated().any()
+    report.write(runs, tmp_path)
+    for name in ("table.csv", "table.md", "table.tex"):
+        assert (tmp_path / name).read_text() == (RESULTS / folder / name).read_text(), name
+
+
+def test_a_runs_csv_that_is_not_a_reports_is_one_line(tmp_path):
+    bad = tmp_path / "runs.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(StnbenchError, match=r"runs.csv: no status, data, model, lr, seed, path "
+                       r"column \(expected a runs.csv that stnbench-report wrote\)"):  # fmt: skip
+        report.collect([bad])

@@ -123,7 +123,7 @@ def test_curves_are_the_runs_validations(sweep):
     for folder, m in metrics_below(tmp / "runs").items():
         events = EventAccumulator(str(tmp / "runs" / folder))
         events.Reload()
-        val = {e.step: e.value for e in events.Scalars("val/error")}
+        val = {e.step: e.value for e in events.Scalars("error/val")}
         assert sorted(val) == [30, 60]
         row = "CNN" if m["model"] == "cnn" else "ST-CNN Aff"
         mine = frame[(frame.row == row) & (frame.lr == m["lr"])].set_index("step")
@@ -244,7 +244,12 @@ def test_the_default_launcher_runs_one_job_per_core_without_a_gpu(monkeypatch):
             [{"status": "ok"}, {"status": "failed"}],
             "sweep interrupted after its 2 running jobs had",
         ),
-        ([{"status": "ok"}, None], "sweep interrupted; its running jobs saved their checkpoints"),
+        (
+            [{"status": "ok"}, cli_train.STOPPED, cli_train.NOT_STARTED],
+            "sweep interrupted: of its 3 jobs, 1 ended (each job's line above says how), 1 "
+            "stopped mid-run after saving a checkpoint (each job's line says at which step), 1 "
+            "never started: rerun the same command to resume",
+        ),
     ],
     ids=["after every job ended", "while one ran"],
 )

@@ -19,7 +19,9 @@ def main() -> int:
         "std of the final test error over the runs that ended ok, their number, the runs that "
         "collapsed, diverged, failed or are unfinished, the paper's number and the difference.",
     )
-    parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders of runs")
+    parser.add_argument(
+        "dirs", nargs="+", metavar="DIR", help="folders of runs, or a runs.csv it wrote"
+    )
     parser.add_argument(
         "--out", type=Path, help="where the files go (default: DIR/report, the first DIR)"
     )

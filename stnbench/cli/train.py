@@ -29,13 +29,20 @@ from stnbench.search import check_space, objective
 
 PROG = "stnbench-train"
 log = logging.getLogger(PROG)
+# unsmoothed error curves first (docs/training.md, "TensorBoard"); 6006 is its default port
+TENSORBOARD_URL = "http://localhost:6006/?smoothing=0#timeseries"
 OUTCOMES = collections.Counter()  # statuses of a sweep's jobs, or of the one run
+# what a job of a stopped sweep returns to the launcher (stnbench.launcher), which says how many
+# ended, saved their checkpoints mid-run or never started
+STOPPED, NOT_STARTED = "stopped: checkpoint saved", "not started"
 
 
 @hydra.main(config_path="pkg://stnbench.conf", config_name="stnbench_train", version_base="1.3")
 def app(cfg: DictConfig) -> dict | float | None:
     """One job: its metrics, or in a search (hparams_search) the number the study minimises."""
     metrics = job(cfg)
+    if metrics in (STOPPED, NOT_STARTED):  # the launcher counts these; the study never sees them
+        return metrics
     return objective(cfg, metrics) if cfg.optimized_metric else metrics
 
 
@@ -45,7 +52,7 @@ def job(cfg: DictConfig) -> dict | None:
     from stnbench.train import record_failure, train
 
     if launcher.stop_requested():  # a worker of a sweep that was stopped: not started
-        return None
+        return NOT_STARTED
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
     progress = cfg.train.progress
@@ -55,7 +62,7 @@ def job(cfg: DictConfig) -> dict | None:
         metrics = train(cfg, out, progress, launcher.stop_requested)
     except KeyboardInterrupt:  # it saved its checkpoint; a worker's launcher ends the sweep
         if launcher.STOP is not None:
-            return None
+            return STOPPED
         raise
     except StnbenchError as e:  # refused: bad input, a folder in use or of another run
         return ended(e.code, f"{out}: skipped: {one_line(e)}", sweep, str(e))
@@ -78,7 +85,7 @@ def job(cfg: DictConfig) -> dict | None:
     if not sweep:
         where = os.path.relpath(out)
         print(f"{PROG}: {metrics['status']}, test error {metrics['test_error']}% -> {where}")
-        print(f"TensorBoard: tensorboard --logdir {where}")
+        print(f"TensorBoard: tensorboard --logdir {where}, then open {TENSORBOARD_URL}")
     return metrics
 
 
@@ -149,7 +156,8 @@ class Checks(Callback):
         if OUTCOMES:
             counts = ", ".join(f"{n} {status}" for status, n in sorted(OUTCOMES.items()))
             print(f"{self.prog}: {sum(OUTCOMES.values())} jobs: {counts}")
-        print(f"TensorBoard: tensorboard --logdir {config.hydra.sweep.dir}")
+        where = config.hydra.sweep.dir
+        print(f"TensorBoard: tensorboard --logdir {where}, then open {TENSORBOARD_URL}")
         print(f"Table: stnbench-report {config.hydra.sweep.dir}")
         found = Path(config.hydra.sweep.dir) / "optimization_results.yaml"  # Optuna's sweeper's
         if config.get("optimized_metric") and found.exists():

@@ -138,17 +138,37 @@ class LocalLauncher(Launcher):
             ) from error
         if error is not None and not isinstance(error, KeyboardInterrupt):
             raise error
-        if stopping:  # a job it stopped, or kept from starting, returned None
-            if error is None and all(
-                r.status == JobStatus.COMPLETED and r.return_value is not None for r in returns
-            ):  # the signal came after the round's last job had ended
-                raise Interrupted(
-                    f"sweep interrupted after its {len(returns)} running jobs had ended; rerun "
-                    "the same command to run any left (an ended job trains again only if it failed)"
-                )
-            raise Interrupted(
-                "sweep interrupted; its running jobs saved their checkpoints (each job's line "
-                "above says at which step): rerun the same command to resume"
-            )
+        if stopping:
+            raise Interrupted(interrupted_line(returns if error is None else None))
         count_returns(returns)
         return returns
+
+
+def interrupted_line(returns) -> str:
+    """What a sweep stopped by a signal did to the jobs of its round: how many ended (their own
+    lines say how: a job's final evaluation is not cut short), how many saved their checkpoints
+    mid-run and how many never started; ``returns`` is None where joblib lost them."""
+    from stnbench.cli.train import NOT_STARTED, STOPPED
+
+    rerun = "rerun the same command to resume"
+    if returns is None:
+        return f"sweep interrupted; its running jobs saved their checkpoints: {rerun}"
+    values = [r.return_value if r.status == JobStatus.COMPLETED else None for r in returns]
+    stopped, waiting = values.count(STOPPED), values.count(NOT_STARTED)
+    ended = len(values) - stopped - waiting
+    if not stopped and not waiting:
+        return (
+            f"sweep interrupted after its {ended} running jobs had ended; rerun the same command "
+            "to run any left (an ended job trains again only if it failed)"
+        )
+    said = []
+    if ended:
+        said.append(f"{ended} ended (each job's line above says how)")
+    if stopped:
+        said.append(
+            f"{stopped} stopped mid-run after saving a checkpoint (each job's line says at "
+            "which step)"
+        )
+    if waiting:
+        said.append(f"{waiting} never started")
+    return f"sweep interrupted: of its {len(values)} jobs, {', '.join(said)}: {rerun}"
