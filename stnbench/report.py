@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from stnbench import curves, geometry, models
+from stnbench import curves, geometry, legacy, models
 from stnbench.errors import StnbenchError
 from stnbench.files import atomic_path
 
@@ -92,7 +92,7 @@ ROWS = {(m, t): row_label(m, t) for m in models.MODELS
 
 def _unfinished(folder: Path) -> dict | None:
     """A run Hydra started that wrote no metrics.json yet (running, killed or refused)."""
-    from stnbench.train import settings
+    from stnbench.rundir import settings
 
     try:
         m = settings(OmegaConf.load(folder / ".hydra" / "config.yaml"))
@@ -101,14 +101,6 @@ def _unfinished(folder: Path) -> dict | None:
     del m["torch"]  # this process's, not the run's
     reason = "no metrics.json (still running, killed, or refused: see its train.log)"
     return {"status": "unfinished", "reason": reason, **m}
-
-
-def _fresh(folder: Path) -> bool:
-    """Whether a run trained on fresh draws, from its Hydra config (False where it has none)."""
-    try:
-        return OmegaConf.load(folder / ".hydra" / "config.yaml").data.get("fresh") is True
-    except Exception:  # no config, or not a training run's
-        return False
 
 
 def _identity(folder: Path) -> str | None:
@@ -166,7 +158,7 @@ def tabulated(path: Path) -> list[dict]:
 def collect(dirs: list[str | Path]) -> pd.DataFrame:
     """One row per run folder below ``dirs``: its metrics.json, or an unfinished Hydra run;
     a ``dirs`` entry may also be a runs.csv (``tabulated``)."""
-    from stnbench.train import disagreement
+    from stnbench.rundir import disagreement
 
     records, unreadable = {}, []
     for d in map(Path, dirs):
@@ -198,7 +190,7 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
                 unreadable.append(f"{path}: inconsistent ({why}); not counted as a result")
                 m.update(status="inconsistent", reason=why)
             if "fresh" not in m:  # written before metrics.json recorded the data regime
-                m["fresh"] = _fresh(path.parent)
+                m["fresh"] = legacy.fresh_of(path.parent)
             records[folder] = {**m, "path": str(path.parent), "source": str(d)}
         for hydra_dir in sorted(d.rglob(".hydra")):
             folder = hydra_dir.parent.resolve()
@@ -318,9 +310,7 @@ def warnings(runs: pd.DataFrame) -> list[str]:
             if key in g and g[key].nunique(dropna=True) > 1:
                 values = ", ".join(map(str, sorted(g[key].dropna().unique())))
                 out.append(f"{row} on {data}: runs differ in {key} ({values})")
-    from stnbench.train import before_loc_lr_fix
-
-    old = pd.Series([before_loc_lr_fix(run) for _, run in done.iterrows()], done.index, bool)
+    old = pd.Series([legacy.before_loc_lr_fix(run) for _, run in done.iterrows()], done.index, bool)
     stale = done[old]  # a boolean mask, also where no run ended (a list would pick columns)
     for (row, data), g in stale.groupby(["row", "data"]):
         stale_runs = f"{len(g)} runs trained before commit 666d9d5"

@@ -5,7 +5,7 @@ dashboard sorts groups (a tag's prefix) by name and expands the first two, so th
 are ``error/train``, ``error/val`` (and ``error/val_untransformed``), then ``loss/...``. The
 final results are ``result/...`` at the last step, for the HPARAMS dashboard to read. Runs
 written before 2026-12-07 used ``train/``, ``val/``, ``hparam/`` (step 0) and
-``inputs_and_outputs``; the readers take both (``VAL_ERROR``, ``PANELS``)."""
+``inputs_and_outputs`` (stnbench.legacy); the readers take both (``VAL_ERROR``, ``PANELS``)."""
 
 import torch
 import torch.nn.functional as F
@@ -13,12 +13,12 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from stnbench import geometry
+from stnbench import geometry, legacy
 
 OUTLINE = 4  # the outline is traced at 4x the output's resolution, so it draws as a line
 PANEL = "inputs_top_outputs_bottom"  # the image a transformer's diagnostics log, under transform/
-PANELS = (PANEL, "inputs_and_outputs")  # its tag, newest first (the older: pairs side by side)
-VAL_ERROR = ("error/val", "val/error")  # the validation error's tag, newest first
+PANELS = (PANEL, legacy.PANEL)  # its tag, newest first
+VAL_ERROR = ("error/val", legacy.VAL_ERROR)  # the validation error's tag, newest first
 
 
 def rgb(images: Tensor) -> Tensor:

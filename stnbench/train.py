@@ -5,40 +5,34 @@ pure function of (seed, epoch, position) and the learning rate a pure function o
 checkpoint (model, optimiser, ``State``) is all a resume needs to continue exactly. The helpers
 below are functions the loop calls.
 
-Writes: ``metrics.json`` (atomically, last), ``checkpoint.pt`` (at every validation), TensorBoard
-event files. The tables use ``test_error``, the final model's, as the paper reports; the
-best-validation model's is ``best_test_error``.
+Writes, through stnbench.rundir (the folder's lock, its binding to the config, the JSON and
+checkpoint files): ``metrics.json`` (atomically, last), ``checkpoint.pt`` (at every validation);
+and TensorBoard event files. What is learned and scored is the task's (stnbench.tasks). The
+tables use ``test_error``, the final model's, as the paper reports; the best-validation model's
+is ``best_test_error``.
 """
 
 import datetime
-import errno
-import fcntl
-import hashlib
-import json
 import logging
 import math
-import os
-import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from stnbench import allocator, data, device, errors, geometry, models, tblog
-from stnbench.config import recipe_of, recorded
-from stnbench.errors import Fault, Interrupted, StnbenchError, describe, one_line
-from stnbench.files import atomic_path
+from stnbench import allocator, data, device, errors, geometry, models, rundir, tblog
+from stnbench.config import recipe_of
+from stnbench.errors import Interrupted
 from stnbench.optim import lr_factor, make_optimizer, set_lr
+from stnbench.rundir import claimed, finished, twin
+from stnbench.tasks import classify as task
 from stnbench.transformer import BLANK_INK, DEAD_SPREAD, ink, liveness
 
 log = logging.getLogger(__name__)
@@ -68,167 +62,6 @@ class State:
 # A run's data on the device: split -> (images (N, C, S, S), labels (N,)), for train (redrawn
 # each epoch when data.fresh), val and test
 Splits = dict[str, tuple[Tensor, Tensor]]
-
-
-def settings(cfg: DictConfig) -> dict:
-    """What a run's metrics.json records about its configuration (the report groups by these)."""
-    st = models.is_st(cfg.model.name)
-    return {
-        "data": cfg.data.name,
-        "model": cfg.model.name,
-        "transform": cfg.transform.kind if st else None,
-        "residual": bool(cfg.model.residual or cfg.model.tanh) if st else None,
-        "tanh": bool(cfg.model.tanh) if st else None,
-        "transformers": cfg.model.transformers if st else None,
-        "multi": bool(cfg.model.multi) if st else None,
-        "loc_lr_every_transformer": True if st else None,  # see before_loc_lr_fix
-        "optim": cfg.optim.name,
-        "lr": cfg.optim.lr,
-        "loc_lr_mult": cfg.optim.loc_lr_mult,
-        "schedule": cfg.schedule.name,
-        "planned_steps": cfg.train.steps,
-        "batch_size": cfg.train.batch_size,
-        "train_size": min(cfg.data.train_size or data.TRAIN_SIZE, data.TRAIN_SIZE),
-        "seed": cfg.seed,
-        "data_seed": cfg.data.seed,
-        "fresh": bool(cfg.data.fresh),  # the data regime: a new draw every epoch, or a fixed set
-        "searched": bool(cfg.get("optimized_metric")),  # a trial of a search (hparams_search)
-        "torch": torch.__version__,
-    }
-
-
-RESULT = ("status", "test_error", "val_error", "best_test_error", "best_val_error", "best_step",
-          "test_error_untransformed", "steps")  # fmt: skip
-
-
-def digest(m: dict) -> str:
-    """A digest of a metrics.json's result fields (RESULT): stnbench-report reports a file whose
-    results no longer match theirs as inconsistent, never as a result."""
-    result = json.dumps({k: m.get(k) for k in RESULT}, sort_keys=True)
-    return hashlib.sha256(result.encode()).hexdigest()[:16]
-
-
-def disagreement(m: dict) -> str | None:
-    """Why a metrics.json's result disagrees with itself, or None: its digest, or a best model
-    that is the final one (best_step == steps) with another test error."""
-    if "digest" in m and m["digest"] != digest(m):
-        return "its results do not match their digest (edited after the run wrote them?)"
-    if m.get("best_step") is not None and m.get("best_step") == m.get("steps"):
-        if m.get("best_test_error") != m.get("test_error"):
-            return "the best-validation model is the final one, with another test error"
-    return None
-
-
-def before_loc_lr_fix(m) -> bool:
-    """Whether a run's metrics (a dict, or a row of stnbench.report's) are those of a model with
-    several transformers trained before commit 666d9d5, when only the first one's localisation
-    net got optim.loc_lr_mult's share of the lr and the others the full lr."""
-
-    m = {k: v for k, v in dict(m).items() if v is not None and v == v}  # NaN: not recorded
-    several = m.get("transformers", 1) > 1 or m.get("multi") in (True, 1)
-    return several and m.get("loc_lr_mult", 1) != 1 and not m.get("loc_lr_every_transformer")
-
-
-def record_failure(cfg: DictConfig, out: Path, error: BaseException) -> dict:
-    """Write metrics.json with status "failed" for a run that raised (if the disk lets us);
-    rerunning retries it."""
-    reason = f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]
-    metrics = {"status": "failed", "reason": reason, "test_error": None, "val_error": None,
-               **settings(cfg)}  # fmt: skip
-    try:
-        return write_json(out / "metrics.json", metrics)
-    except OSError as e:  # the fault itself may be a full or read-only disk
-        log.warning("%s: could not record the failure in metrics.json: %s", out, e)
-        return metrics
-
-
-def unreadable(path: Path, error: BaseException) -> Fault:
-    """The one line for a run file that cannot be read back, with the remedy."""
-    return Fault(
-        f"{path} is unreadable ({one_line(error)[:160]}); set it aside to start this run over: "
-        f"mv {path} {path}.bad"
-    )
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise unreadable(path, e) from e
-
-
-@contextmanager
-def claimed(out: Path, cfg: DictConfig):
-    """Hold a run folder for this process while the block runs. Refused while another process
-    holds it (an flock: the kernel drops it when its holder ends, however it ends), and when the
-    folder holds a run of another configuration, finished or not (config.json, written when a
-    run starts, or the checkpoint of a folder written before it)."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise StnbenchError(
-                f"{out} is in use by another process (pid {lock.read().strip() or '?'}); wait "
-                "for it to end, or choose another output dir"
-            ) from None
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        mine = recorded(OmegaConf.to_container(cfg))
-        path, ckpt = out / "config.json", out / "checkpoint.pt"
-        saved = read_json(path) if path.exists() else None
-        if saved is None and ckpt.exists():
-            saved = load_checkpoint(ckpt, torch.device("cpu"))["config"]
-        try:
-            diff = saved and difference(recorded(saved), mine)
-        except OmegaConfBaseException as e:  # a setting this version does not know
-            diff = describe(e)
-        if diff:
-            raise StnbenchError(
-                f"{out} holds a run of another configuration ({diff}); choose another output dir"
-            )
-        if not path.exists():
-            write_json(path, mine)
-        yield
-
-
-def twin(out: Path, cfg: DictConfig) -> Path | None:
-    """The folder beside ``out`` (its siblings share its data, model, transform and seed) whose
-    config.json is this configuration's, when ``out`` holds no run of its own yet; else None."""
-    if (out / "config.json").exists() or not out.parent.is_dir():
-        return None
-    mine = recorded(OmegaConf.to_container(cfg))
-    for path in sorted(out.parent.glob("*/config.json")):
-        try:
-            if path.parent != out and difference(recorded(read_json(path)), mine) is None:
-                return path.parent
-        except (Fault, OmegaConfBaseException):  # not readable as a config: not this run's
-            continue
-    return None
-
-
-def write_json(path: Path, value: dict) -> dict:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(value, indent=2) + "\n")
-    return value
-
-
-def finished(out: Path) -> dict | None:
-    """The metrics of a finished run in ``out``, or None (no run, or one that failed: retried)."""
-    path = Path(out) / "metrics.json"
-    if not path.exists():
-        return None
-    done = read_json(path)
-    if done.get("status") == "failed":
-        log.info("%s failed before (%s); trying it again", out, done.get("reason"))
-        return None
-    log.info("%s is finished (%s); not training it again", out, path.name)
-    if before_loc_lr_fix(done):
-        log.warning("%s trained its transformers but the first at the full lr (before commit "
-                    "666d9d5); move it aside to train it again", out)  # fmt: skip
-    return done
 
 
 # --- data, model, checkpoints -------------------------------------------------------------------
@@ -288,18 +121,11 @@ def prepare(model: nn.Module, dev: torch.device) -> nn.Module:
     return model.to(dev, memory_format=torch.channels_last)
 
 
-def load_checkpoint(path: Path, dev: torch.device) -> dict:
-    try:
-        return torch.load(path, map_location=dev, weights_only=True)
-    except Exception as e:  # truncated, corrupted, not a checkpoint
-        raise unreadable(path, e) from e
-
-
 def trained_model(folder: Path, dev: str = "cpu"):
     """A run's config and its model in eval mode with the weights that validation and test saw
     (the moving average, when train.ema kept one), and the step of its checkpoint."""
     cfg = OmegaConf.load(Path(folder) / ".hydra" / "config.yaml")
-    ckpt = load_checkpoint(Path(folder) / "checkpoint.pt", torch.device(dev))
+    ckpt = rundir.load_checkpoint(Path(folder) / "checkpoint.pt", torch.device(dev))
     model = build_model(cfg, torch.device(dev))
     weights = ckpt["model"]
     if "ema" in ckpt:  # an AveragedModel's: its module's, and how many it averaged
@@ -310,76 +136,27 @@ def trained_model(folder: Path, dev: str = "cpu"):
     return cfg, model.eval(), ckpt["state"]["step"]
 
 
-def resume(out: Path, model: nn.Module, opt, ema=None) -> State:
-    """The state of the run in ``out`` (its model, optimiser and average loaded), or a fresh
-    one. (stnbench.train.claimed has checked that the folder holds this configuration's run.)"""
-    path = out / "checkpoint.pt"
-    if not path.exists():
-        return State()
-    ckpt = load_checkpoint(path, next(model.parameters()).device)
-    try:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        state = State(**ckpt["state"])
-    except Exception as e:  # loads, but does not fit this run
-        raise unreadable(path, e) from e
-    log.info("resuming %s from step %d", out, state.step)
-    return state
-
-
-def difference(saved: dict, current: dict, prefix: str = "") -> str | None:
-    """The first setting in which two configs differ, as text; None if they are equal."""
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            if diff := difference(a, b, f"{prefix}{key}."):
-                return diff
-        elif a != b:
-            return f"{prefix}{key}: {a!r} there, {b!r} now"
-    return None
-
-
 def save_checkpoint(r: "Run") -> None:
     blob = {"config": OmegaConf.to_container(r.cfg), "model": r.model.state_dict(),
             "optimizer": r.opt.state_dict(), "state": vars(r.state)}  # fmt: skip
     if r.ema is not None:
         blob["ema"] = r.ema.state_dict()
-    path = r.out / "checkpoint.pt"
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(blob, tmp)
-        except RuntimeError as e:  # torch's writer says "[enforce fail at inline_container.cc
-            # ...] ... file write failed" where the disk is full: say that, as an OSError would
-            if "file write failed" not in str(e) or shutil.disk_usage(path.parent).free > 2**26:
-                raise
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+    rundir.save_checkpoint(r.out / "checkpoint.pt", blob)
 
 
 # --- steps and evaluation -----------------------------------------------------------------------
 
 
 def train_step(model: nn.Module, opt, x: Tensor, y: Tensor, label_smoothing: float = 0.0):
-    """One optimiser step; the loss and the number of wrong predictions, left on the device."""
-    logits = model(x)
-    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    """One optimiser step on the task's loss; the loss and the task's count, on the device."""
+    loss, count = task.loss(model, x, y, label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss.detach(), (logits.detach().argmax(1) != y).sum()
+    return loss.detach(), count
 
 
-@torch.no_grad()
-def evaluate(fn, x: Tensor, y: Tensor, batch: int) -> tuple[float, float]:
-    """Mean cross-entropy and error (percent) of logits fn(x) against y, in batches."""
-    loss = torch.zeros((), device=x.device)
-    wrong = torch.zeros((), device=x.device, dtype=torch.long)
-    for i in range(0, len(x), batch):
-        logits = fn(x[i : i + batch])
-        loss += F.cross_entropy(logits, y[i : i + batch], reduction="sum")
-        wrong += (logits.argmax(1) != y[i : i + batch]).sum()
-    return loss.item() / len(x), 100.0 * wrong.item() / len(x)
+evaluate = task.evaluate  # the loop's, the benchmarks' and the tests'
 
 
 def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
@@ -598,18 +375,18 @@ def finish(r: Run) -> dict:
         "steps": state.step,
         "seconds": round(state.seconds, 2),
         "images_per_second": round(state.step * t.batch_size / train_seconds, 1),
-        **settings(cfg),
+        **rundir.settings(cfg),
         "device": str(device.resolve(cfg.device)),
         "threads": torch.get_num_threads(),  # a sweep's jobs may run with fewer than a lone run
     }
-    metrics["digest"] = digest(metrics)
+    metrics["digest"] = rundir.digest(metrics)
     hparam = {k: metrics[k] for k in HPARAMS} | {"seed": metrics["seed"]}
     hparam |= {"transform": metrics["transform"] or "none", "residual": bool(metrics["residual"])}
     keys = ("test_error", "val_error", "best_test_error")
     final = {k: metrics[k] for k in keys if metrics[k] is not None}
     tblog.write_hparams(r.writer, hparam, final, state.step)
     r.writer.close()
-    write_json(r.out / "metrics.json", metrics)
+    rundir.write_json(r.out / "metrics.json", metrics)
     log.info("%s: %s; test error %s%% (best-validation model %s%%)", r.out, metrics["status"],
              metrics["test_error"], metrics["best_test_error"])  # fmt: skip
     return metrics
@@ -643,7 +420,7 @@ def loop(cfg: DictConfig, out: Path, progress: bool, stop) -> dict:
     model = build_model(cfg, dev)
     opt = make_optimizer(model, cfg.optim)
     ema = make_ema(model, cfg.train.ema)
-    state = resume(out, model, opt, ema)
+    state = rundir.restore(out, model, opt, ema, State)
     # readers drop what earlier event files logged from this step on (all of it at step 0)
     writer = SummaryWriter(str(out), purge_step=state.step)
     if state.step == 0:

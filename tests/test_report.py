@@ -262,7 +262,7 @@ def test_a_configuration_in_several_folders_is_counted_once(tmp_path):
 
 
 def test_a_result_that_disagrees_with_itself_is_inconsistent_never_a_result(tmp_path):
-    from stnbench.train import digest
+    from stnbench.rundir import digest
 
     r = tmp_path / "runs"
     good = run_folder(r, "good", test=2.0, val=2.0, best_test_error=2.5, best_step=50, steps=100)

@@ -332,7 +332,7 @@ def test_a_crashing_job_is_recorded_and_the_sweep_goes_on(mnist_root, tmp_path, 
 
 def test_a_failed_run_is_retried(mnist_root, tmp_path):
     cfg = load_config("stnbench_train", [*TINY, "model=fcn", "train.steps=30"])
-    from stnbench.train import record_failure
+    from stnbench.rundir import record_failure
 
     record_failure(cfg, tmp_path, MemoryError("out of memory"))
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"

@@ -49,7 +49,8 @@ def app(cfg: DictConfig) -> dict | float | None:
 def job(cfg: DictConfig) -> dict | None:
     from hydra_plugins.stnbench_launcher import local_launcher as launcher
 
-    from stnbench.train import record_failure, train
+    from stnbench.rundir import record_failure
+    from stnbench.train import train
 
     if launcher.stop_requested():  # a worker of a sweep that was stopped: not started
         return NOT_STARTED

@@ -1,0 +1,33 @@
+"""What reads runs that older versions of stnbench wrote, in one place: each entry says what
+changed and when, so that it can go once no such run is left.
+
+- ``before_loc_lr_fix``: runs with several transformers trained before commit 666d9d5.
+- ``fresh_of``: runs whose metrics.json predates its ``fresh`` field (the data regime).
+- ``VAL_ERROR``, ``PANEL``: TensorBoard tags before 2026-12-07 (stnbench.tblog has today's).
+"""
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+VAL_ERROR = "val/error"  # the validation error's tag before 2026-12-07 (now error/val)
+PANEL = "inputs_and_outputs"  # the transformer image's, each input beside its output
+
+
+def before_loc_lr_fix(m) -> bool:
+    """Whether a run's metrics (a dict, or a row of stnbench.report's) are those of a model with
+    several transformers trained before commit 666d9d5, when only the first one's localisation
+    net got optim.loc_lr_mult's share of the lr and the others the full lr."""
+
+    m = {k: v for k, v in dict(m).items() if v is not None and v == v}  # NaN: not recorded
+    several = m.get("transformers", 1) > 1 or m.get("multi") in (True, 1)
+    return several and m.get("loc_lr_mult", 1) != 1 and not m.get("loc_lr_every_transformer")
+
+
+def fresh_of(folder: Path) -> bool:
+    """Whether a run trained on fresh draws, from its Hydra config (False where it has none):
+    for a metrics.json written before it recorded ``fresh``."""
+    try:
+        return OmegaConf.load(folder / ".hydra" / "config.yaml").data.get("fresh") is True
+    except Exception:  # no config, or not a training run's
+        return False

@@ -1,0 +1,235 @@
+"""A run's folder: who holds it, which configuration it is bound to, and the files that make it
+a run (config.json, checkpoint.pt, metrics.json). The training loop (stnbench.train) calls these;
+nothing here trains.
+
+- ``claimed(out, cfg)``: the folder held by this process (an flock) and bound to the config;
+  ``twin`` finds another spelling's folder beside it, ``finished`` its finished metrics.
+- ``save_checkpoint`` / ``restore``: the checkpoint, written atomically, read back exactly.
+- ``settings``, ``digest``, ``disagreement``: what metrics.json records and how a result that
+  disagrees with itself is caught; ``record_failure`` for a run that raised.
+
+What reads runs written by older versions lives in stnbench.legacy.
+"""
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from stnbench import data, legacy, models
+from stnbench.config import recorded
+from stnbench.errors import Fault, StnbenchError, describe, one_line
+from stnbench.files import atomic_path
+
+log = logging.getLogger("stnbench.train")  # its lines are the training run's
+
+
+def settings(cfg: DictConfig) -> dict:
+    """What a run's metrics.json records about its configuration (the report groups by these)."""
+    st = models.is_st(cfg.model.name)
+    return {
+        "data": cfg.data.name,
+        "model": cfg.model.name,
+        "transform": cfg.transform.kind if st else None,
+        "residual": bool(cfg.model.residual or cfg.model.tanh) if st else None,
+        "tanh": bool(cfg.model.tanh) if st else None,
+        "transformers": cfg.model.transformers if st else None,
+        "multi": bool(cfg.model.multi) if st else None,
+        "loc_lr_every_transformer": True if st else None,  # legacy.before_loc_lr_fix
+        "optim": cfg.optim.name,
+        "lr": cfg.optim.lr,
+        "loc_lr_mult": cfg.optim.loc_lr_mult,
+        "schedule": cfg.schedule.name,
+        "planned_steps": cfg.train.steps,
+        "batch_size": cfg.train.batch_size,
+        "train_size": min(cfg.data.train_size or data.TRAIN_SIZE, data.TRAIN_SIZE),
+        "seed": cfg.seed,
+        "data_seed": cfg.data.seed,
+        "fresh": bool(cfg.data.fresh),  # the data regime: a new draw every epoch, or a fixed set
+        "searched": bool(cfg.get("optimized_metric")),  # a trial of a search (hparams_search)
+        "torch": torch.__version__,
+    }
+
+
+RESULT = ("status", "test_error", "val_error", "best_test_error", "best_val_error", "best_step",
+          "test_error_untransformed", "steps")  # fmt: skip
+
+
+def digest(m: dict) -> str:
+    """A digest of a metrics.json's result fields (RESULT): stnbench-report reports a file whose
+    results no longer match theirs as inconsistent, never as a result."""
+    result = json.dumps({k: m.get(k) for k in RESULT}, sort_keys=True)
+    return hashlib.sha256(result.encode()).hexdigest()[:16]
+
+
+def disagreement(m: dict) -> str | None:
+    """Why a metrics.json's result disagrees with itself, or None: its digest, or a best model
+    that is the final one (best_step == steps) with another test error."""
+    if "digest" in m and m["digest"] != digest(m):
+        return "its results do not match their digest (edited after the run wrote them?)"
+    if m.get("best_step") is not None and m.get("best_step") == m.get("steps"):
+        if m.get("best_test_error") != m.get("test_error"):
+            return "the best-validation model is the final one, with another test error"
+    return None
+
+
+def record_failure(cfg: DictConfig, out: Path, error: BaseException) -> dict:
+    """Write metrics.json with status "failed" for a run that raised (if the disk lets us);
+    rerunning retries it."""
+    reason = f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]
+    metrics = {"status": "failed", "reason": reason, "test_error": None, "val_error": None,
+               **settings(cfg)}  # fmt: skip
+    try:
+        return write_json(out / "metrics.json", metrics)
+    except OSError as e:  # the fault itself may be a full or read-only disk
+        log.warning("%s: could not record the failure in metrics.json: %s", out, e)
+        return metrics
+
+
+def unreadable(path: Path, error: BaseException) -> Fault:
+    """The one line for a run file that cannot be read back, with the remedy."""
+    return Fault(
+        f"{path} is unreadable ({one_line(error)[:160]}); set it aside to start this run over: "
+        f"mv {path} {path}.bad"
+    )
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise unreadable(path, e) from e
+
+
+@contextmanager
+def claimed(out: Path, cfg: DictConfig):
+    """Hold a run folder for this process while the block runs. Refused while another process
+    holds it (an flock: the kernel drops it when its holder ends, however it ends), and when the
+    folder holds a run of another configuration, finished or not (config.json, written when a
+    run starts, or the checkpoint of a folder written before it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise StnbenchError(
+                f"{out} is in use by another process (pid {lock.read().strip() or '?'}); wait "
+                "for it to end, or choose another output dir"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        mine = recorded(OmegaConf.to_container(cfg))
+        path, ckpt = out / "config.json", out / "checkpoint.pt"
+        saved = read_json(path) if path.exists() else None
+        if saved is None and ckpt.exists():
+            saved = load_checkpoint(ckpt, torch.device("cpu"))["config"]
+        try:
+            diff = saved and difference(recorded(saved), mine)
+        except OmegaConfBaseException as e:  # a setting this version does not know
+            diff = describe(e)
+        if diff:
+            raise StnbenchError(
+                f"{out} holds a run of another configuration ({diff}); choose another output dir"
+            )
+        if not path.exists():
+            write_json(path, mine)
+        yield
+
+
+def twin(out: Path, cfg: DictConfig) -> Path | None:
+    """The folder beside ``out`` (its siblings share its data, model, transform and seed) whose
+    config.json is this configuration's, when ``out`` holds no run of its own yet; else None."""
+    if (out / "config.json").exists() or not out.parent.is_dir():
+        return None
+    mine = recorded(OmegaConf.to_container(cfg))
+    for path in sorted(out.parent.glob("*/config.json")):
+        try:
+            if path.parent != out and difference(recorded(read_json(path)), mine) is None:
+                return path.parent
+        except (Fault, OmegaConfBaseException):  # not readable as a config: not this run's
+            continue
+    return None
+
+
+def write_json(path: Path, value: dict) -> dict:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2) + "\n")
+    return value
+
+
+def finished(out: Path) -> dict | None:
+    """The metrics of a finished run in ``out``, or None (no run, or one that failed: retried)."""
+    path = Path(out) / "metrics.json"
+    if not path.exists():
+        return None
+    done = read_json(path)
+    if done.get("status") == "failed":
+        log.info("%s failed before (%s); trying it again", out, done.get("reason"))
+        return None
+    log.info("%s is finished (%s); not training it again", out, path.name)
+    if legacy.before_loc_lr_fix(done):
+        log.warning("%s trained its transformers but the first at the full lr (before commit "
+                    "666d9d5); move it aside to train it again", out)  # fmt: skip
+    return done
+
+
+def load_checkpoint(path: Path, dev: torch.device) -> dict:
+    try:
+        return torch.load(path, map_location=dev, weights_only=True)
+    except Exception as e:  # truncated, corrupted, not a checkpoint
+        raise unreadable(path, e) from e
+
+
+def save_checkpoint(path: Path, blob: dict) -> None:
+    """A checkpoint, atomically: a full disk says so (ENOSPC), as any other write would."""
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(blob, tmp)
+        except RuntimeError as e:  # torch's writer says "[enforce fail at inline_container.cc
+            # ...] ... file write failed" where the disk is full: say that, as an OSError would
+            if "file write failed" not in str(e) or shutil.disk_usage(path.parent).free > 2**26:
+                raise
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+
+
+def restore(out: Path, model, opt, ema, state_type):
+    """The state (a ``state_type``) of the run in ``out``, its model, optimiser and average
+    loaded; a fresh ``state_type()`` where it has no checkpoint. (``claimed`` has checked that
+    the folder holds this configuration's run.)"""
+    path = out / "checkpoint.pt"
+    if not path.exists():
+        return state_type()
+    ckpt = load_checkpoint(path, next(model.parameters()).device)
+    try:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        state = state_type(**ckpt["state"])
+    except Exception as e:  # loads, but does not fit this run
+        raise unreadable(path, e) from e
+    log.info("resuming %s from step %d", out, state.step)
+    return state
+
+
+def difference(saved: dict, current: dict, prefix: str = "") -> str | None:
+    """The first setting in which two configs differ, as text; None if they are equal."""
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if diff := difference(a, b, f"{prefix}{key}."):
+                return diff
+        elif a != b:
+            return f"{prefix}{key}: {a!r} there, {b!r} now"
+    return None
