@@ -6,8 +6,9 @@ from omegaconf import DictConfig
 from stnbench import models
 from stnbench.config import pin_hint, unpinned_sweeps
 from stnbench.errors import StnbenchError
+from stnbench.tasks import classify
 
-CHANCE = 90.0  # percent error of a guess among 10 classes
+CHANCE = classify.METRIC.chance  # what a failed trial scores
 LOC_LR_MULT = (0.03, 1.0)  # the localisation net's lr multiplier, searched on a log scale
 
 

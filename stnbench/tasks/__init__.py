@@ -1,0 +1,39 @@
+"""Tasks: what a run learns and how it is scored, as plain functions the training loop calls.
+
+A task is a module here with:
+
+- ``METRIC``: its headline metric (a ``Metric``): the name metrics.json's results carry, whether
+  lower is better, and what a guess scores (chance), which the collapse rule and a search's
+  failed trials use;
+- ``loss(model, x, y, cfg)``: the training loss on a batch (left on the device) and the count
+  the training log turns into the metric;
+- ``evaluate(fn, x, y, batch)``: the mean loss and the metric on a split, in batches.
+
+``classify`` (the paper's Table 1 and Appendix A.1) is the only task yet; the loop, the report
+and the search still name its metric, ``error``, where they have not been moved to ``METRIC``.
+"""
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from stnbench.errors import StnbenchError
+
+TASKS = ("classify",)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A task's headline metric."""
+
+    name: str  # metrics.json's test_<name>, val_<name>, best_test_<name>
+    unit: str
+    lower_is_better: bool
+    chance: float  # what a guess scores
+
+
+def get(name: str) -> ModuleType:
+    """The task module of that name (one of TASKS)."""
+    if name not in TASKS:
+        raise StnbenchError(f"task={name}: no such task (expected one of {', '.join(TASKS)})")
+    return importlib.import_module(f"stnbench.tasks.{name}")
