@@ -15,7 +15,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from stnbench import data, geometry, mnist, models
+from stnbench import data, geometry, mnist, models, tasks
 from stnbench.device import resolve as resolve_device
 from stnbench.distortions import Recipe
 from stnbench.errors import Checked, StnbenchError, integer, number, one_of, setting
@@ -47,6 +47,14 @@ class Data(Checked):
         mnist.writable_root(self.root)
         if self.fresh and self.recipe is None:
             raise self.bad("fresh", "false for plain MNIST, which has no distortion to draw")
+
+
+@dataclass
+class Task(Checked):
+    """What a run learns and how it is scored (stnbench.tasks; conf/task)."""
+
+    key: ClassVar[str] = "task"
+    name: str = setting("classify", f"one of {', '.join(tasks.TASKS)}", one_of(*tasks.TASKS))
 
 
 @dataclass
@@ -139,6 +147,7 @@ class TrainJob(Checked):
 
     seed: int = setting(0, "an integer >= 0", integer(0))  # initialisation and data order
     device: str = "auto"  # auto (cuda when available), cpu, cuda or cuda:N
+    task: Task = field(default_factory=Task)
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
     transform: Transform = field(default_factory=Transform)
@@ -277,6 +286,8 @@ def recorded(cfg: dict) -> dict:
         (out[parent] if parent else out).pop(last, None)
     if not models.is_st(out["model"]["name"]):
         out.pop("transform", None)
+    if out["task"] == {"name": "classify"}:  # as runs from before tasks existed: same identity
+        out.pop("task")
     return out
 
 

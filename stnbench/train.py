@@ -18,6 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -27,12 +28,12 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from stnbench import allocator, data, device, errors, geometry, models, rundir, tblog
+from stnbench import allocator, data, device, errors, geometry, models, rundir, tasks, tblog
 from stnbench.config import recipe_of
 from stnbench.errors import Interrupted
 from stnbench.optim import lr_factor, make_optimizer, set_lr
 from stnbench.rundir import claimed, finished, twin
-from stnbench.tasks import classify as task
+from stnbench.tasks import classify
 from stnbench.transformer import BLANK_INK, DEAD_SPREAD, ink, liveness
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,9 @@ def save_checkpoint(r: "Run") -> None:
 # --- steps and evaluation -----------------------------------------------------------------------
 
 
-def train_step(model: nn.Module, opt, x: Tensor, y: Tensor, label_smoothing: float = 0.0):
+def train_step(
+    model: nn.Module, opt, x: Tensor, y: Tensor, label_smoothing: float = 0.0, task=classify
+):
     """One optimiser step on the task's loss; the loss and the task's count, on the device."""
     loss, count = task.loss(model, x, y, label_smoothing)
     opt.zero_grad(set_to_none=True)
@@ -156,7 +159,7 @@ def train_step(model: nn.Module, opt, x: Tensor, y: Tensor, label_smoothing: flo
     return loss.detach(), count
 
 
-evaluate = task.evaluate  # the loop's, the benchmarks' and the tests'
+evaluate = classify.evaluate  # classification's, for the benchmarks and tests
 
 
 def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
@@ -187,6 +190,7 @@ class Run:
     state: State
     writer: SummaryWriter
     bar: tqdm
+    task: ModuleType
     ema: AveragedModel | None = None
     loss_sum: Tensor | float = 0.0  # left on the device between log lines
     wrong_sum: Tensor | int = 0
@@ -285,7 +289,7 @@ def validate(r: Run) -> None:
     """Validation error (and, for ST models, the transformer's diagnostics) to TensorBoard and
     the log; the best model, divergence and collapse into the state."""
     model, d, t, state, writer = r.evaluated, r.d, r.cfg.train, r.state, r.writer
-    step = state.step
+    step, evaluate = state.step, r.task.evaluate
     model.eval()
     loss, err = evaluate(model, *d["val"], t.eval_batch_size)
     writer.add_scalar("loss/val", loss, step)
@@ -338,6 +342,7 @@ def finish(r: Run) -> dict:
     clock(r)
     r.bar.close()
     model, d, t, state, cfg = r.evaluated, r.d, r.cfg.train, r.state, r.cfg
+    evaluate = r.task.evaluate
     if state.status == "ok" and state.streak >= t.collapse.patience:  # stayed near chance
         state.status, state.reason = "collapsed", f"near chance since step {state.collapsed_at}"
     model.eval()
@@ -428,7 +433,7 @@ def loop(cfg: DictConfig, out: Path, progress: bool, stop) -> dict:
         writer.add_text("model/params", text)
     bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not progress, unit="step",
                dynamic_ncols=True, leave=False)  # fmt: skip
-    r = Run(cfg, out, model, opt, d, state, writer, bar, ema)
+    r = Run(cfg, out, model, opt, d, state, writer, bar, tasks.get(cfg.task.name), ema)
     stream = batches(cfg, d, state.step)
     model.train()
     # Ctrl-C and SIGTERM end the loop between two steps, so that its checkpoint resumes exactly
@@ -436,7 +441,7 @@ def loop(cfg: DictConfig, out: Path, progress: bool, stop) -> dict:
         while r.training and not (caught or stop()):
             x, y = next(stream)
             set_lr(opt, lr_factor(cfg.schedule, r.state.step, cfg.train.steps))
-            loss, wrong = train_step(model, opt, x, y, cfg.train.label_smoothing)
+            loss, wrong = train_step(model, opt, x, y, cfg.train.label_smoothing, r.task)
             stepped(r, loss, wrong)
         return interrupted(r) if r.training else finish(r)
 

@@ -4,6 +4,7 @@ metric well clear of chance; classification's loss and metric are torch's."""
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from stnbench import tasks
 from stnbench.cli import load_config
@@ -14,8 +15,9 @@ from stnbench.train import train
 @pytest.mark.parametrize("name", tasks.TASKS)
 def test_every_task_trains_a_few_steps_and_reports_its_metric(name, mnist_root, tmp_path):
     task = tasks.get(name)
-    args = ["data=plain", "model=fcn", "data.train_size=3000", "train.batch_size=64",
-            "train.steps=60", "train.val_every=30", "train.val_size=500"]  # fmt: skip
+    args = [f"task={name}", "data=plain", "model=fcn", "data.train_size=3000",
+            "train.batch_size=64", "train.steps=60", "train.val_every=30",
+            "train.val_size=500"]  # fmt: skip
     m = train(load_config("stnbench_train", args), tmp_path / "run")
     metric = task.METRIC
     assert m["status"] == "ok"
@@ -40,3 +42,14 @@ def test_classification_is_cross_entropy_and_the_error_of_the_argmax():
 def test_an_unknown_task_is_one_line():
     with pytest.raises(StnbenchError, match=r"^task=nosuch: no such task \(expected one of "):
         tasks.get("nosuch")
+
+
+def test_a_classification_runs_identity_is_what_it_was_before_tasks():
+    """Naming the default task changes no run's identity: runs from before tasks existed are
+    found, resumed and counted once with those after."""
+    from stnbench.config import identity, recorded
+
+    cfg = OmegaConf.to_container(load_config("stnbench_train", ["data=r", "row=fcn"]))
+    assert "task" not in recorded(cfg)
+    before = {k: v for k, v in cfg.items() if k != "task"}
+    assert identity(before) == identity(cfg)

@@ -531,6 +531,8 @@ def test_training_on_addition_learns_the_sums(mnist_root, tmp_path, row):
 BAD = [
     (["data=mnist"], "Could not find 'data/mnist'"),
     (["model=resnet"], "Could not find 'model/resnet'"),
+    (["task=nosuch"], "Could not find 'task/nosuch'"),
+    (["task.name=nosuch"], "task.name must be one of classify; got 'nosuch'"),
     (["optim.lr=0"], "optim.lr must be a finite number > 0"),
     (["optim.lr=-0.1"], "optim.lr must be a finite number > 0"),
     (["optim.lr=inf"], "optim.lr must be a finite number > 0; got inf"),
