@@ -4,7 +4,7 @@ The transformer's sampling grid (output -> canvas) composed with the distortion'
 the original 28x28 digit), both known for a fixed affine test set, maps each output pixel to the
 point of the digit it shows. An affine map fitted to that (exact for an affine transformer),
 inverted, gives the digit's rotation, zoom (output pixels per digit pixel) and the offset of its
-centre from the output's centre (docs/training.md, scripts/transformer_outputs.py).
+centre from the output's centre (docs/training.md, stnbench-analyse pose).
 
 Angles are in degrees, positive clockwise on screen (y points down), as the recipes draw them.
 """

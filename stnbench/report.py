@@ -85,11 +85,6 @@ def row_label(
     return label + (f" ({', '.join(marks)})" if marks else "")
 
 
-# Table 1's rows, in its order: (model, transform) -> label
-ROWS = {(m, t): row_label(m, t) for m in models.MODELS
-        for t in (("affine", "projective", "tps") if models.is_st(m) else (None,))}  # fmt: skip
-
-
 def _unfinished(folder: Path) -> dict | None:
     """A run Hydra started that wrote no metrics.json yet (running, killed or refused)."""
     from stnbench.rundir import settings

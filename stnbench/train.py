@@ -337,6 +337,15 @@ def validate(r: Run) -> None:
             state.status, state.reason = "collapsed", f"{line} ({why})"
 
 
+def dead(spread: float | None, share: float | None) -> bool | None:
+    """Whether a run's transformer is dead at its last validation: it stopped following its
+    input (spread below DEAD_SPREAD), or it samples blank space (its outputs keep less than
+    BLANK_INK of the input's ink: flown off the canvas, whatever its spread). None without one."""
+    if spread is None:
+        return None
+    return spread < DEAD_SPREAD or (share is not None and share < BLANK_INK)
+
+
 def finish(r: Run) -> dict:
     """The final and best-validation models on the test set; metrics.json, written last."""
     clock(r)
@@ -375,7 +384,7 @@ def finish(r: Run) -> dict:
         "transform_spread": spread,  # at the last validation (ST models)
         "transform_ink": state.transform_ink,
         "loc_dead_units": state.loc_dead_units,
-        "transformer_dead": None if spread is None else spread < DEAD_SPREAD,
+        "transformer_dead": dead(spread, state.transform_ink),
         "params": models.count(model),
         "steps": state.step,
         "seconds": round(state.seconds, 2),

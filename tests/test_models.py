@@ -243,7 +243,7 @@ def test_liveness_tells_a_dead_transformer_from_a_working_one(loc):
 
 
 def test_the_attention_measure_is_1_for_one_digit_alone_and_one_half_on_the_input(mnist_root):
-    """mostly_channel0 (scripts/addition_attention.py), per image: outputs built by hand to show
+    """mostly_channel0 (stnbench-analyse attention), per image: outputs built by hand to show
     the first digit alone score 1, the second digit alone 0, the addition input itself 0.5
     (the two digits' ink is as often more in one channel as in the other)."""
     from stnbench.data import load

@@ -5,9 +5,7 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -250,6 +248,15 @@ def test_a_blown_up_transformer_stops_at_once(mnist_root, tmp_path):
     m = train(config(*args), tmp_path)
     assert m["status"] == "collapsed" and m["steps"] == 50 and m["collapsed_at"] == 50
     assert "(blank transformer outputs)" in m["reason"] and m["transform_ink"] < 0.1
+    assert m["transformer_dead"] is True  # flown off: dead, whatever its parameters' spread
+
+
+def test_a_transformer_is_dead_when_its_parameters_are_steady_or_its_outputs_blank():
+    from stnbench.train import dead
+
+    assert dead(None, None) is None  # no transformer
+    assert dead(0.0, 0.9) and dead(0.3, 0.05)  # steady; flown off with a varying theta
+    assert not dead(0.3, 0.9) and not dead(0.3, None)
 
 
 @pytest.mark.slow
@@ -474,10 +481,35 @@ def test_transformer_diagnostics_reach_metrics_and_tensorboard(mnist_root, tmp_p
     assert scalars(tmp_path, "time/seconds") == sorted(scalars(tmp_path, "time/seconds"))
 
 
-def test_transformers_side_by_side_each_get_their_diagnostics(mnist_root, tmp_path):
+def test_analyse_pose_measures_the_digits_pose_against_the_inputs(mnist_root, bin_dir, tmp_path):
+    """stnbench-analyse pose on a short RTS ST-FCN run: the input's row, then the run's, with
+    the rotation, zoom and centre spreads, and the PNG of its last logged images; a folder with
+    no such run is one line, exit 2."""
+    cfg = config("data=rts", "row=st_fcn_aff", "train.steps=20", "train.val_every=10")
+    run = tmp_path / "sweep" / "run"
+    train(cfg, run)
+    (run / ".hydra").mkdir()
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")  # as stnbench-train leaves it
+    csv, png = tmp_path / "pose.csv", tmp_path / "pose.png"
+    done = subprocess.run([bin_dir / "stnbench-analyse", "pose", tmp_path / "sweep", "--csv", csv,
+                           "--png", png], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(csv)
+    assert list(table.row) == ["input (no transformer)", "ST-FCN Aff"]
+    spreads = [c for c in table if c.endswith("_std")]
+    assert spreads and table[spreads].notna().all().all() and png.stat().st_size > 5_000
+    empty = subprocess.run([bin_dir / "stnbench-analyse", "pose", tmp_path / "sweep", "--data",
+                            "r"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert empty.returncode == 2 and empty.stderr.strip().splitlines() == [
+        f"stnbench-analyse: error: no spatial-transformer runs on r that ended ok below "
+        f"{tmp_path / 'sweep'}"
+    ]
+
+
+def test_transformers_side_by_side_each_get_their_diagnostics(mnist_root, bin_dir, tmp_path):
     """MNIST addition with 2 ST-FCN transformers: a histogram per transformer per parameter and
-    each one's outputs beside the inputs in TensorBoard; metrics.json records how many; and
-    scripts/addition_attention.py measures which digit each one looks at."""
+    each one's outputs below the inputs in TensorBoard; metrics.json records how many; and
+    stnbench-analyse attention measures which digit each one looks at."""
     args = ("data=addition", "model=st_fcn", "model.transformers=2", "train.steps=20",
             "train.val_every=10")  # fmt: skip
     cfg = config(*args)
@@ -485,9 +517,8 @@ def test_transformers_side_by_side_each_get_their_diagnostics(mnist_root, tmp_pa
     (tmp_path / ".hydra").mkdir()
     OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")  # as stnbench-train leaves it
     csv, png = tmp_path / "attention.csv", tmp_path / "attention.png"
-    script = Path(__file__).parents[1] / "scripts" / "addition_attention.py"
-    done = subprocess.run([sys.executable, script, tmp_path, "--csv", csv, "--png", png],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run([bin_dir / "stnbench-analyse", "attention", tmp_path, "--csv", csv,
+                           "--png", png], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr
     shares = pd.read_csv(csv)
     assert list(shares.transformer.fillna(0)) == [0, 1, 2]  # the input, then each transformer
