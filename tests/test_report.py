@@ -316,7 +316,10 @@ def test_bad_input_is_one_line_exit_2_and_no_table(bin_dir, tmp_path):
     bad = run_folder(tmp_path / "bad", "x")
     (bad / "metrics.json").write_text('{"status": "ok"')  # cut short, and no Hydra config
     cases = [
-        ((str(tmp_path / "nowhere"),), "nowhere: no such folder (expected a folder of runs)"),
+        (
+            (str(tmp_path / "nowhere"),),
+            "nowhere: no such folder (expected a folder of runs, or a runs.csv it wrote)",
+        ),
         ((str(tmp_path / "empty"),), "no readable runs below"),
         ((str(tmp_path / "bad"),), "x/metrics.json: unreadable (JSONDecodeError: Expecting"),
     ]
