@@ -394,7 +394,7 @@ def test_label_smoothing_changes_the_training_loss_and_nothing_else(mnist_root, 
     smooth = train(config(*args, "train.label_smoothing=0.2"), tmp_path / "smooth")
     keys = ("test_error", "val_error", "test_error_untransformed")
     assert [plain[k] for k in keys] == [zero[k] for k in keys]  # 0: the plain loss, exactly
-    first = [scalars(tmp_path / n, "train/loss")[0] for n in ("plain", "smooth")]
+    first = [scalars(tmp_path / n, "loss/train")[0] for n in ("plain", "smooth")]
     assert first[1] > first[0]  # smoothing raises the loss of a confident start...
     assert smooth["status"] == "ok" and smooth["test_error"] < 60  # ...and still learns
 
