@@ -77,17 +77,6 @@ def pose_table(dirs: list[str], name: str, seed: int, png: Path, csv: Path) -> p
             shown.append((f"{row}, seed {seed}, step {step}", pick.test_error.iloc[0], image))
     if not shown:
         raise StnbenchError(f"no run of seed {seed} among them (--seed)")
-    fig = Figure(figsize=(8, 2.35 * len(shown)), layout="constrained")
-    axes = fig.subplots(len(shown), 1, squeeze=False)
-    for ax, (title, err, image) in zip(axes[:, 0], shown, strict=True):
-        ax.imshow(image, interpolation="nearest")
-        ax.set_title(f"{title}: test error {err:.2f}%", fontsize=10)
-        ax.axis("off")
-    fig.suptitle(f"{name.upper()} validation digits: inputs (red: the region sampled) above "
-                 "the transformer's outputs", fontsize=11)  # fmt: skip
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-
     records, inputs = [], None
     for r in runs.itertuples():
         cfg, model, _ = trained_model(Path(r.path))
@@ -100,6 +89,17 @@ def pose_table(dirs: list[str], name: str, seed: int, png: Path, csv: Path) -> p
             inputs.update(pose.summary(pose.measure(None, x, warp)))
         summary = pose.summary(pose.measure(model.transformer, x, warp))
         records.append({"row": r.row, "seed": r.seed, "test_error": r.test_error, **summary})
+    fig = Figure(figsize=(8, 2.35 * len(shown)), layout="constrained")
+    axes = fig.subplots(len(shown), 1, squeeze=False)
+    for ax, (title, err, image) in zip(axes[:, 0], shown, strict=True):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(f"{title}: test error {err:.2f}%", fontsize=10)
+        ax.axis("off")
+    fig.suptitle(f"{name.upper()} validation digits: inputs (red: the region sampled) and the "
+                 "transformer's outputs", fontsize=11)  # fmt: skip
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+
     table = pd.DataFrame([inputs, *records])
     Path(csv).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(csv, index=False, float_format="%.4g")

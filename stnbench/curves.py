@@ -29,8 +29,6 @@ logging.getLogger("tensorboard").setLevel(logging.ERROR)
 def events(folder: str | Path) -> pd.DataFrame:
     """One run's validations: step, val_error and seconds (the loop's wall time when the run
     logged ``time/seconds``, else the events' wall time since the run's first event)."""
-    if not Path(folder).is_dir():  # a run tabulated from a runs.csv, its folder elsewhere
-        return pd.DataFrame(columns=["step", "val_error", "seconds"])
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     acc.Reload()
     tags = acc.Tags()["scalars"]
@@ -51,7 +49,10 @@ def read(runs: pd.DataFrame) -> pd.DataFrame:
     """The curves of every finished run, averaged over seeds per (protocol, data, row, lr,
     step); n counts the runs averaged."""
     parts = []
-    for run in runs[runs.status.isin(DONE)].itertuples():
+    done = runs.status.isin(DONE)
+    if "tabulated" in runs:  # rows of a runs.csv: their folders are not read (stnbench.report)
+        done &= runs.tabulated.isna()
+    for run in runs[done].itertuples():
         curve = events(run.path)
         if not curve.empty:
             protocol = Path(run.source).name if isinstance(run.source, str) else ""

@@ -118,8 +118,12 @@ def set_aside_duplicates(runs: pd.DataFrame) -> pd.DataFrame:
     command, a copy of a sweep), the one that ended first (ok, collapsed, diverged), else failed,
     else unfinished, first by path; attrs["duplicates"] names the others and the one kept."""
     known = runs.identity if "identity" in runs else pd.Series(None, runs.index, object)
-    pairs = zip(known, runs.path, strict=True)  # a runs.csv's identity, else the folder's
-    runs = runs.assign(identity=[i if isinstance(i, str) else _identity(Path(p)) for i, p in pairs])
+    tabulated = runs.tabulated.notna() if "tabulated" in runs else pd.Series(False, runs.index)
+    # a runs.csv's identity as it recorded it (none: never set aside), else the folder's
+    runs = runs.assign(identity=[
+        i if isinstance(i, str) else None if t else _identity(Path(p))
+        for i, t, p in zip(known, tabulated, runs.path, strict=True)
+    ])  # fmt: skip
     rank = runs.status.map({"failed": 1, "unfinished": 2, "unreadable": 3, "inconsistent": 3})
     rank = rank.fillna(0)
     order = runs.assign(rank=rank).sort_values(["rank", "path"], kind="stable")
@@ -147,7 +151,9 @@ def tabulated(path: Path) -> list[dict]:
             "wrote)"
         )
     runs = runs.drop(columns=["row"], errors="ignore").astype(object)
-    return [{k: v for k, v in run.items() if not pd.isna(v)} for run in runs.to_dict("records")]
+    records = [{k: v for k, v in run.items() if not pd.isna(v)} for run in runs.to_dict("records")]
+    # its paths are where the runs were: nothing is read from them (identity, curves)
+    return [{**m, "tabulated": str(path)} for m in records]
 
 
 def collect(dirs: list[str | Path]) -> pd.DataFrame:

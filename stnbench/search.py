@@ -3,12 +3,10 @@ that depends on the model, and what a trial returns to the study."""
 
 from omegaconf import DictConfig
 
-from stnbench import models
+from stnbench import models, tasks
 from stnbench.config import pin_hint, unpinned_sweeps
 from stnbench.errors import StnbenchError
-from stnbench.tasks import classify
 
-CHANCE = classify.METRIC.chance  # what a failed trial scores
 LOC_LR_MULT = (0.03, 1.0)  # the localisation net's lr multiplier, searched on a log scale
 
 
@@ -31,7 +29,8 @@ def check_space(config: DictConfig) -> None:
 
 
 def objective(cfg, metrics: dict | None) -> float:
-    """A trial's result: its metrics' ``optimized_metric``; chance for a run that diverged,
-    collapsed, failed or was refused, so the study goes on and learns to avoid it."""
+    """A trial's result: its metrics' ``optimized_metric``; its task's chance for a run that
+    diverged, collapsed, failed or was refused, so the study goes on and learns to avoid it."""
     value = (metrics or {}).get(cfg.optimized_metric)
-    return CHANCE if value is None or metrics["status"] != "ok" else float(value)
+    chance = tasks.get(cfg.task.name).METRIC.chance
+    return chance if value is None or metrics["status"] != "ok" else float(value)

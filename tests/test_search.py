@@ -13,7 +13,8 @@ from test_sweeps import cli
 
 from stnbench import models, report
 from stnbench.lr_find import grid_distance, suggest
-from stnbench.search import CHANCE, objective
+from stnbench.search import objective
+from stnbench.tasks import classify
 
 TINY = [
     "data=plain",
@@ -92,11 +93,11 @@ def test_an_untrained_transformer_is_at_distance_0_from_the_identity():
 
 
 def test_a_trial_that_did_not_end_ok_counts_as_chance():
-    cfg = OmegaConf.create({"optimized_metric": "best_val_error"})
+    cfg = OmegaConf.create({"optimized_metric": "best_val_error", "task": {"name": "classify"}})
     assert objective(cfg, {"status": "ok", "best_val_error": 3.5}) == 3.5
     for metrics in ({"status": "diverged", "best_val_error": None},
                     {"status": "collapsed", "best_val_error": 85.0}, None):  # fmt: skip
-        assert objective(cfg, metrics) == CHANCE
+        assert objective(cfg, metrics) == classify.METRIC.chance == 90.0
 
 
 @pytest.mark.slow
@@ -121,7 +122,7 @@ def test_optuna_search_survives_diverging_trials_and_reports_the_best(
     found = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(found["best_params"]) == {"optim.lr", "optim.loc_lr_mult"}
     best = min(t["best_val_error"] for t in trials if t["status"] == "ok")
-    assert found["best_value"] == best < CHANCE
+    assert found["best_value"] == best < classify.METRIC.chance
     assert r.stdout.strip().splitlines()[-1].startswith("Best: optim.lr=")
     # rerun: the seeded sampler asks for the same trials, which are finished
     again = cli(bin_dir, tmp_path, "stnbench-train", *args)

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from hydra.core.utils import JobReturn, JobStatus
-from hydra_plugins.stnbench_launcher.local_launcher import default_jobs
+from hydra_plugins.stnbench_launcher.local_launcher import NOT_STARTED, STOPPED, default_jobs
 from PIL import Image
 
 from stnbench import report
@@ -245,7 +245,7 @@ def test_the_default_launcher_runs_one_job_per_core_without_a_gpu(monkeypatch):
             "sweep interrupted after its 2 running jobs had",
         ),
         (
-            [{"status": "ok"}, cli_train.STOPPED, cli_train.NOT_STARTED],
+            [{"status": "ok"}, STOPPED, NOT_STARTED],
             "sweep interrupted: of its 3 jobs, 1 ended (each job's line above says how), 1 "
             "stopped mid-run after saving a checkpoint (each job's line says at which step), 1 "
             "never started: rerun the same command to resume",
@@ -256,9 +256,9 @@ def test_the_default_launcher_runs_one_job_per_core_without_a_gpu(monkeypatch):
 def test_a_signal_in_a_round_stops_the_sweep_and_says_what_it_stopped(
     tmp_path, monkeypatch, values, said
 ):
-    """A SIGTERM while a round of jobs runs side by side ends the sweep (exit 130); where every
-    job had ended by then (none returned None, as a stopped or never started one does), it says
-    so rather than that they saved their checkpoints."""
+    """A SIGTERM while a round of jobs runs side by side ends the sweep (exit 130) and says what
+    became of each job: ended (its metrics), stopped with a checkpoint (STOPPED) or never
+    started (NOT_STARTED); where every job had ended, it says so."""
     from hydra_plugins.stnbench_launcher import local_launcher
     from omegaconf import OmegaConf
 
@@ -286,6 +286,18 @@ def test_a_signal_in_a_round_stops_the_sweep_and_says_what_it_stopped(
     )
     with pytest.raises(Interrupted, match=re.escape(said)):
         launcher.side_by_side([["seed=0"], ["seed=1"]], 0, 2)
+
+
+def test_a_sweep_whose_returns_were_lost_says_its_jobs_saved_their_checkpoints():
+    from hydra_plugins.stnbench_launcher.local_launcher import interrupted_line
+
+    assert interrupted_line(None) == (
+        "sweep interrupted; its running jobs saved their checkpoints: rerun the same command to "
+        "resume"
+    )
+    failed = JobReturn(status=JobStatus.FAILED, _return_value=None)
+    line = interrupted_line([failed, JobReturn(status=JobStatus.COMPLETED, _return_value=STOPPED)])
+    assert line.startswith("sweep interrupted: of its 2 jobs, 1 ended (each job's line above")
 
 
 def test_jobs_that_ran_elsewhere_are_counted_from_what_they_returned(tmp_path, monkeypatch):

@@ -32,28 +32,28 @@ log = logging.getLogger(PROG)
 # unsmoothed error curves first (docs/training.md, "TensorBoard"); 6006 is its default port
 TENSORBOARD_URL = "http://localhost:6006/?smoothing=0#timeseries"
 OUTCOMES = collections.Counter()  # statuses of a sweep's jobs, or of the one run
-# what a job of a stopped sweep returns to the launcher (stnbench.launcher), which says how many
-# ended, saved their checkpoints mid-run or never started
-STOPPED, NOT_STARTED = "stopped: checkpoint saved", "not started"
 
 
 @hydra.main(config_path="pkg://stnbench.conf", config_name="stnbench_train", version_base="1.3")
-def app(cfg: DictConfig) -> dict | float | None:
-    """One job: its metrics, or in a search (hparams_search) the number the study minimises."""
+def app(cfg: DictConfig) -> dict | float | str | None:
+    """One job: its metrics, or in a search (hparams_search) the number the study minimises;
+    in a stopped sweep what became of it (local_launcher.STOPPED or NOT_STARTED)."""
+    from hydra_plugins.stnbench_launcher.local_launcher import NOT_STARTED, STOPPED
+
     metrics = job(cfg)
     if metrics in (STOPPED, NOT_STARTED):  # the launcher counts these; the study never sees them
         return metrics
     return objective(cfg, metrics) if cfg.optimized_metric else metrics
 
 
-def job(cfg: DictConfig) -> dict | None:
+def job(cfg: DictConfig) -> dict | str | None:
     from hydra_plugins.stnbench_launcher import local_launcher as launcher
 
     from stnbench.rundir import record_failure
     from stnbench.train import train
 
     if launcher.stop_requested():  # a worker of a sweep that was stopped: not started
-        return NOT_STARTED
+        return launcher.NOT_STARTED
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
     progress = cfg.train.progress
@@ -63,7 +63,7 @@ def job(cfg: DictConfig) -> dict | None:
         metrics = train(cfg, out, progress, launcher.stop_requested)
     except KeyboardInterrupt:  # it saved its checkpoint; a worker's launcher ends the sweep
         if launcher.STOP is not None:
-            return STOPPED
+            return launcher.STOPPED
         raise
     except StnbenchError as e:  # refused: bad input, a folder in use or of another run
         return ended(e.code, f"{out}: skipped: {one_line(e)}", sweep, str(e))
@@ -99,7 +99,8 @@ def out_of_memory(error: BaseException) -> bool:
 def count_returns(returns: list[JobReturn]) -> None:
     """Counts into OUTCOMES how jobs that ran in other processes (joblib's, submitit's) ended,
     from what they returned: a job returns its metrics, nothing when it was refused, and in a
-    search the number the study minimises (then its metrics.json says how it ended)."""
+    search the number the study minimises (then its metrics.json says how it ended). (The jobs
+    of a stopped sweep, which return local_launcher.STOPPED or NOT_STARTED, its launcher counts.)"""
     for r in returns:
         value = r.return_value if r.status == JobStatus.COMPLETED else None
         if isinstance(value, float):

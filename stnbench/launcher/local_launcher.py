@@ -25,6 +25,9 @@ from hydra.plugins.launcher import Launcher
 log = logging.getLogger(__name__)
 WORKER_MEMORY = 2 * 2**30  # a worker's resident memory, at most (1.5 GiB measured, data=r)
 STOP: Path | None = None  # in a worker: the file whose existence stops the sweep
+# what a job of a stopped sweep returns (stnbench.cli.train.job), so that its last line can say
+# how many ended, saved their checkpoints mid-run or never started
+STOPPED, NOT_STARTED = "stopped: checkpoint saved", "not started"
 
 
 def default_jobs() -> int:
@@ -147,9 +150,8 @@ class LocalLauncher(Launcher):
 def interrupted_line(returns) -> str:
     """What a sweep stopped by a signal did to the jobs of its round: how many ended (their own
     lines say how: a job's final evaluation is not cut short), how many saved their checkpoints
-    mid-run and how many never started; ``returns`` is None where joblib lost them."""
-    from stnbench.cli.train import NOT_STARTED, STOPPED
-
+    mid-run and how many never started; ``returns`` is None where joblib lost them. A job that
+    raised counts as ended: its line says how."""
     rerun = "rerun the same command to resume"
     if returns is None:
         return f"sweep interrupted; its running jobs saved their checkpoints: {rerun}"

@@ -3,10 +3,10 @@
 A task is a module here with:
 
 - ``METRIC``: its headline metric (a ``Metric``): the name metrics.json's results carry, whether
-  lower is better, and what a guess scores (chance), which the collapse rule and a search's
-  failed trials use;
-- ``loss(model, x, y, cfg)``: the training loss on a batch (left on the device) and the count
-  the training log turns into the metric;
+  lower is better, and what a guess scores (chance), which a search's failed trials score (the
+  collapse rule still reads train.collapse.error);
+- ``loss(model, x, y, label_smoothing)``: the training loss on a batch (left on the device) and
+  the count the training log turns into the metric;
 - ``evaluate(fn, x, y, batch)``: the mean loss and the metric on a split, in batches.
 
 ``classify`` (the paper's Table 1 and Appendix A.1) is the only task yet; the loop, the report
