@@ -32,10 +32,12 @@ def events(folder: str | Path) -> pd.DataFrame:
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    tag = next((t for t in tblog.VAL_ERROR if t in tags), None)
-    if tag is None:
+    # a run resumed across the tags' rename wrote both, the old before its resume: one curve,
+    # the newest tag's value where both hold a step
+    val = {e.step: e for tag in reversed(tblog.VAL_ERROR) if tag in tags for e in acc.Scalars(tag)}
+    val = [val[step] for step in sorted(val)]
+    if not val:
         return pd.DataFrame(columns=["step", "val_error", "seconds"])
-    val = acc.Scalars(tag)
     if "time/seconds" in tags:
         seconds = {e.step: e.value for e in acc.Scalars("time/seconds")}
     else:  # runs written before time/seconds was logged

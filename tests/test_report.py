@@ -4,6 +4,7 @@ paper's numbers, warnings, bad input. (test_sweeps.py checks it against real run
 import json
 import math
 import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -378,6 +379,25 @@ def test_curves_read_the_validation_error_under_its_tag_and_the_older_one(tmp_pa
     frame = curves.events(tmp_path)
     assert frame.to_dict("list") == {"step": [50, 100], "val_error": [60.0, 30.0],
                                      "seconds": [5.0, 10.0]}  # fmt: skip
+
+
+def test_a_run_resumed_across_the_rename_draws_one_whole_curve(tmp_path):
+    """A run begun under val/error and resumed (from step 100) under error/val wrote both tags
+    in two event files: its curve is both, the resumed values where both hold a step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(tmp_path, filename_suffix=".a") as writer:
+        for step in (50, 100, 150):  # killed after 150, resumed from the checkpoint at 100
+            writer.add_scalar(tblog.VAL_ERROR[1], 60.0 - step / 10, step)
+            writer.add_scalar("time/seconds", step / 10, step)
+    time.sleep(1.1)  # event files are named, and so read, by the second they were opened in
+    with SummaryWriter(tmp_path, purge_step=101, filename_suffix=".b") as writer:
+        for step in (150, 200):
+            writer.add_scalar(tblog.VAL_ERROR[0], 40.0 - step / 10, step)
+            writer.add_scalar("time/seconds", step / 10, step)
+    frame = curves.events(tmp_path)
+    assert frame.to_dict("list") == {"step": [50, 100, 150, 200], "val_error": [55.0, 50.0, 25.0,
+                                     20.0], "seconds": [5.0, 10.0, 15.0, 20.0]}  # fmt: skip
 
 
 RESULTS = Path(__file__).resolve().parents[1] / "outputs" / "results"
