@@ -24,7 +24,10 @@ from bench_train import flops_per_image, matmul_peak  # scripts/, beside this fi
 from stnbench import allocator
 from stnbench.cli import load_config
 from stnbench.optim import make_optimizer
-from stnbench.train import batches, build_model, load_splits, train_step
+from stnbench.tasks import classify
+from stnbench.tasks.classify import batches, build_model
+from stnbench.tasks.classify import splits as load_splits
+from stnbench.train import train_step
 
 CONFIGS = [("r", "st_fcn_aff"), ("r", "fcn"), ("addition", "st_fcn_aff_x2"), ("tc", "st_fcn_aff")]
 
@@ -34,7 +37,7 @@ def rate(cfg, d, model, opt, seconds: float) -> float:
     stream, n, b = batches(cfg, d, 0), 0, cfg.train.batch_size
     t = time.perf_counter()
     while time.perf_counter() - t < seconds:
-        train_step(model, opt, *next(stream))
+        train_step(model, opt, *next(stream), classify)
         n += 1
     return n * b / (time.perf_counter() - t)
 

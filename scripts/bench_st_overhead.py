@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_train import flops_per_image, matmul_peak, timed_steps  # noqa: E402
 
 from stnbench import models  # noqa: E402
-from stnbench.train import prepare, train_step  # noqa: E402
+from stnbench.models import prepare  # noqa: E402
+from stnbench.train import train_step  # noqa: E402
 
 ROUNDS, SECONDS = 6, 1.0
 

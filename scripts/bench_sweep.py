@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_train import flops_per_image, matmul_peak  # noqa: E402
 
 from stnbench import data, device, models  # noqa: E402
-from stnbench.train import prepare  # noqa: E402
+from stnbench.models import prepare  # noqa: E402
 
 LRS = "0.002,0.003,0.005,0.007,0.01,0.015,0.02,0.03"
 BATCH, TRAIN_SIZE, VAL_SIZE = 64, 10000, 2000

@@ -5,7 +5,7 @@ For fcn, cnn, st_fcn and st_cnn (affine, tps) on canvases 28, 42 and 60:
 
 - train img/s through stnbench.train's own code: prepare() (channels_last), train_step(), data on
   the device, batches by index, glibc keeping freed memory (stnbench.allocator); batch 256;
-- eval img/s through stnbench.train.evaluate, batch 1000;
+- eval img/s through stnbench.tasks.classify.evaluate, batch 1000;
 - FLOPs per image, forward + backward, from torch.utils.flop_counter (convolutions and matmuls;
   grid_sample, pooling and elementwise ops count nothing), the achieved GFLOP/s, and its fraction
   of the fp32 matmul peak (2048^3) measured at the start and the end of this run (the higher);
@@ -33,7 +33,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stnbench import allocator, device, models
 from stnbench.cli import load_config
-from stnbench.train import evaluate, prepare, train, train_step
+from stnbench.models import prepare
+from stnbench.tasks import classify
+from stnbench.tasks.classify import evaluate
+from stnbench.train import train, train_step
 
 ROWS = [
     ("fcn", None),
@@ -107,7 +110,7 @@ def row(model_name, kind, canvas, dev, seconds) -> dict:
     def ours():
         idx = order[at[0] : at[0] + BATCH]
         at[0] = (at[0] + BATCH) % n
-        train_step(net, opt, xd[idx], yd[idx])
+        train_step(net, opt, xd[idx], yd[idx], classify)
 
     train_ips = timed_steps(ours, seconds, dev) * BATCH
     flops = flops_per_image(net, xd[:BATCH], yd[:BATCH])

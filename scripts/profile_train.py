@@ -13,7 +13,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from stnbench import allocator, models
-from stnbench.train import prepare, train_step
+from stnbench.models import prepare
+from stnbench.tasks import classify
+from stnbench.train import train_step
 
 GROUPS = {
     "convolution": ("conv", "mkldnn", "onednn"),
@@ -39,10 +41,10 @@ def main() -> None:
     x = torch.rand(args.batch, 1, args.canvas, args.canvas)
     y = torch.randint(0, 10, (args.batch,))
     for _ in range(3):
-        train_step(net, opt, x, y)
+        train_step(net, opt, x, y, classify)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
-            train_step(net, opt, x, y)
+            train_step(net, opt, x, y, classify)
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
     shares = dict.fromkeys([*GROUPS, "other"], 0.0)

@@ -25,7 +25,7 @@ from torch import Tensor
 from stnbench import data, pose, report, tblog
 from stnbench.config import recipe_of
 from stnbench.errors import StnbenchError
-from stnbench.train import trained_model
+from stnbench.rundir import trained_model
 from stnbench.transformer import ink_share
 
 TAGS = [f"transform/{panel}" for panel in tblog.PANELS]  # the image's tag, newest first
@@ -156,3 +156,40 @@ def attention_table(dirs: list[str], seed: int, png: Path, csv: Path) -> pd.Data
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     return table
+
+
+def boxes_figure(dirs: list[str], seed: int, png: Path, shown: int = 4) -> pd.DataFrame:
+    """``boxes``: on co-localisation, a PNG of ``shown`` test images per class and dataset for
+    seed ``seed``'s runs that ended ok, the digit's box in green and the transformer's crop in
+    red, each beside its crop; returns the runs shown (dataset, class, test iou50)."""
+    from matplotlib.figure import Figure
+
+    from stnbench.tasks import coloc
+
+    runs = report.collect(dirs)
+    runs = runs[(runs.get("task") == "coloc") & (runs.status == "ok") & (runs.seed == seed)]
+    if runs.empty:
+        raise StnbenchError(f"no co-localisation runs of seed {seed} that ended ok below "
+                            f"{', '.join(dirs)}")  # fmt: skip
+    runs = runs.assign(digit=runs.digit.astype(int)).sort_values(["data", "digit"])
+    fig = Figure(figsize=(2 * shown, 1.1 * len(runs)), layout="constrained")
+    axes = fig.subplots(len(runs), 1, squeeze=False)
+    for ax, r in zip(axes[:, 0], runs.itertuples(), strict=True):
+        cfg, model, _ = trained_model(Path(r.path))
+        x, box = coloc.splits(cfg, torch.device("cpu"))["test"]
+        x, box = x[:shown], box[:shown]
+        with torch.no_grad():
+            crops, params = model(x)
+        centre, half = (box[:, :2] + box[:, 2:]) / 2, (box[:, 2:] - box[:, :2]) / 2
+        truth = torch.cat([half[:, :1], centre], dim=1)  # the digit's frame as a crop
+        drawn = tblog.outline(x, "attention", truth, 28, color=(0.0, 1.0, 0.0))
+        drawn = tblog.outline(drawn, "attention", params, 28)
+        side = x.shape[-1]
+        big = tblog.rgb(torch.nn.functional.interpolate(crops, size=(side, side)))
+        row = torch.cat([torch.cat(pair, dim=2) for pair in zip(drawn, big, strict=True)], dim=2)
+        ax.imshow(row.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        ax.set_title(f"{r.data}, digit {r.digit}: test iou50 {r.test_iou50:.0f}%", fontsize=8)
+        ax.axis("off")
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=90)
+    return runs[["data", "digit", "seed", "test_iou50"]]

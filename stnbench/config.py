@@ -39,6 +39,8 @@ class Data(Checked):
         None, f"an integer in [1, {data.TRAIN_SIZE}] or null", integer(1, True, data.TRAIN_SIZE)
     )
     fresh: bool = setting(False, BOOL)  # draw new distortions of the training set every epoch
+    # one class's images only (task=coloc trains on one digit's): null for every class
+    digit: int | None = setting(None, "an integer in [0, 9] or null", integer(0, True, 9))
     recipe: Recipe | None = None  # null: plain MNIST
 
     def __post_init__(self):
@@ -55,6 +57,13 @@ class Task(Checked):
 
     key: ClassVar[str] = "task"
     name: str = setting("classify", f"one of {', '.join(tasks.TASKS)}", one_of(*tasks.TASKS))
+    # co-localisation's (conf/task/coloc.yaml; classification reads none of them): the images of
+    # the class per split, the triplet loss's margin, and the frozen encoder: the run folder
+    # that holds it, trained there first, with these stnbench-train overrides, if not finished
+    images: int = setting(100, POSITIVE, integer(1))
+    margin: float = setting(1.0, number(0))
+    encoder: str = "outputs/encoders/cnn_plain"
+    encoder_args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -115,7 +124,8 @@ class Schedule(Checked):
 @dataclass
 class Collapse(Checked):
     key: ClassVar[str] = "train.collapse"
-    error: float = setting(80.0, number(0, 100, lo_open=True))
+    # the task metric at or past which a validation is near chance (error: at or above)
+    error: float = setting(80.0, number(0, 100))
     patience: int = setting(3, POSITIVE, integer(1))
     stop: bool = setting(True, BOOL)
     # the share of train.steps in which a run near chance from its start is a slow start, not a
@@ -155,14 +165,16 @@ class TrainJob(Checked):
     schedule: Schedule = field(default_factory=Schedule)
     train: Train = field(default_factory=Train)
     # the metrics.json key a search minimises (set by conf/hparams_search; stnbench.search)
-    optimized_metric: str | None = setting(
-        None,
-        "null or one of best_val_error, val_error",
-        one_of(None, "best_val_error", "val_error"),
-    )
+    optimized_metric: str | None = None  # best_val_<metric> or val_<metric>: the task's
 
     def __post_init__(self):
         super().__post_init__()
+        name = tasks.get(self.task.name).METRIC.name
+        if self.optimized_metric not in (None, f"best_val_{name}", f"val_{name}"):
+            raise StnbenchError(
+                f"optimized_metric must be null or one of best_val_{name}, val_{name} (the "
+                f"metric of task={self.task.name}); got {self.optimized_metric!r}"
+            )
         resolve_device(self.device)
         n = self.data.train_size or data.TRAIN_SIZE
         channels, canvas, classes = data.shape(self.data.recipe)
@@ -286,8 +298,10 @@ def recorded(cfg: dict) -> dict:
         (out[parent] if parent else out).pop(last, None)
     if not models.is_st(out["model"]["name"]):
         out.pop("transform", None)
-    if out["task"] == {"name": "classify"}:  # as runs from before tasks existed: same identity
-        out.pop("task")
+    if out["task"]["name"] == "classify":  # as runs from before tasks existed: same identity
+        out.pop("task")  # (classification reads none of its other settings)
+    if out["data"]["digit"] is None:  # as runs from before data.digit existed
+        out["data"].pop("digit")
     return out
 
 
@@ -316,7 +330,19 @@ class LocalLauncherConf:
     n_jobs: int | None = None
 
 
+def best_val(task: str) -> str:
+    """The metrics.json key a search optimises for a task: its best validation metric."""
+    return f"best_val_{tasks.get(task).METRIC.name}"
+
+
+def direction(task: str) -> str:
+    """Which way a search optimises a task's metric (Optuna's direction)."""
+    return "minimize" if tasks.get(task).METRIC.lower_is_better else "maximize"
+
+
 OmegaConf.register_new_resolver("stnbench_run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("stnbench_best_val", best_val, replace=True)
+OmegaConf.register_new_resolver("stnbench_direction", direction, replace=True)
 OmegaConf.register_new_resolver("stnbench_folder_excludes", folder_excludes, replace=True)
 ConfigStore.instance().store(name="stnbench_train_schema", node=TrainJob)
 ConfigStore.instance().store(name="stnbench_lr_find_schema", node=LrFindJob)

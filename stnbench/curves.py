@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stnbench import tblog
+from stnbench import tasks, tblog
 from stnbench.files import atomic_path
 
 DONE = ("ok", "collapsed", "diverged")  # runs whose curves are whole
@@ -26,22 +26,23 @@ STYLES = ("-", "--", ":", "-.")  # a line style per protocol
 logging.getLogger("tensorboard").setLevel(logging.ERROR)
 
 
-def events(folder: str | Path) -> pd.DataFrame:
-    """One run's validations: step, val_error and seconds (the loop's wall time when the run
+def events(folder: str | Path, tags: tuple[str, ...] = tblog.VAL_ERROR) -> pd.DataFrame:
+    """One run's validations: step, val_error (the validation metric under ``tags``, newest
+    first: classification's error by default) and seconds (the loop's wall time when the run
     logged ``time/seconds``, else the events' wall time since the run's first event)."""
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     acc.Reload()
-    tags = acc.Tags()["scalars"]
+    present = acc.Tags()["scalars"]
     # a run resumed across the tags' rename wrote both, the old before its resume: one curve,
     # the newest tag's value where both hold a step
-    val = {e.step: e for tag in reversed(tblog.VAL_ERROR) if tag in tags for e in acc.Scalars(tag)}
+    val = {e.step: e for tag in reversed(tags) if tag in present for e in acc.Scalars(tag)}
     val = [val[step] for step in sorted(val)]
     if not val:
         return pd.DataFrame(columns=["step", "val_error", "seconds"])
-    if "time/seconds" in tags:
+    if "time/seconds" in present:
         seconds = {e.step: e.value for e in acc.Scalars("time/seconds")}
     else:  # runs written before time/seconds was logged
-        start = min(acc.Scalars(tag)[0].wall_time for tag in tags)
+        start = min(acc.Scalars(tag)[0].wall_time for tag in present)
         seconds = {e.step: e.wall_time - start for e in val}
     rows = [(e.step, e.value, seconds.get(e.step)) for e in val]
     return pd.DataFrame(rows, columns=["step", "val_error", "seconds"])
@@ -55,16 +56,21 @@ def read(runs: pd.DataFrame) -> pd.DataFrame:
     if "tabulated" in runs:  # rows of a runs.csv: their folders are not read (stnbench.report)
         done &= runs.tabulated.isna()
     for run in runs[done].itertuples():
-        curve = events(run.path)
+        task = getattr(run, "task", None)
+        task = task if isinstance(task, str) else "classify"  # runs before tasks: classification
+        name = tasks.get(task).METRIC.name
+        curve = events(run.path, tblog.VAL_ERROR if task == "classify" else (f"{name}/val",))
         if not curve.empty:
             protocol = Path(run.source).name if isinstance(run.source, str) else ""
             curve = curve.assign(protocol=protocol, data=run.data, row=run.row, lr=run.lr,
-                                 seed=run.seed)  # fmt: skip
+                                 seed=run.seed, metric=name)  # fmt: skip
             parts.append(curve.assign(images=curve.step * run.batch_size))
     if not parts:
         return pd.DataFrame()
     keys = ["protocol", "data", "row", "lr", "step"]
-    frame = pd.concat(parts).groupby(keys, sort=False)
+    frame = pd.concat(parts)
+    metrics = frame.metric.unique()
+    frame = frame.groupby(keys, sort=False)
     out = frame.agg(
         images=("images", "first"),
         seconds=("seconds", "mean"),
@@ -74,7 +80,9 @@ def read(runs: pd.DataFrame) -> pd.DataFrame:
         max=("val_error", "max"),
         n=("seed", "size"),
     )
-    return out.reset_index().sort_values(keys, ignore_index=True)
+    out = out.reset_index().sort_values(keys, ignore_index=True)
+    out.attrs["metric"] = ", ".join(metrics)  # the plot's axis
+    return out
 
 
 def plot(frame: pd.DataFrame, path: Path) -> None:
@@ -99,7 +107,9 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     xlabels = ("training images seen", "training wall-clock seconds")
     for data, pair in zip(datas, axes, strict=True):
         for ax, x in zip(pair, xlabels, strict=True):
-            ax.set(xlabel=x, ylabel="validation error (%)", yscale="log", title=data)
+            metric = frame.attrs.get("metric") or "error"
+            ax.set(xlabel=x, ylabel=f"validation {metric} (%)", title=data,
+                   yscale="log" if metric == "error" else "linear")  # fmt: skip
             ax.grid(True, which="both", alpha=0.3)
         pair[0].legend(fontsize="small")
     with atomic_path(path) as tmp:

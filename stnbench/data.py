@@ -158,6 +158,17 @@ def draw(
     return Draw(rec, *_digits_kept(split, root), generator(rec, f"{split}/epoch{epoch}", seed))
 
 
+def fixed_draw(
+    name: str, split: str, root: str | os.PathLike | None = None, seed: int = 0, recipe=None
+) -> Draw:
+    """The fixed split's draw, rendered on demand (before load()'s uint8 rounding): for a task
+    that needs a few of its images (one class's, task=coloc) and the warps that placed them."""
+    rec = _resolve(name, split, seed, recipe)
+    if rec is None:
+        raise StnbenchError(f"plain MNIST has no draw; got {name}/{split}")
+    return Draw(rec, *_digits_kept(split, root), generator(rec, split, seed))
+
+
 # a fresh run's draw reads its split's digits once, not every epoch (0.1 s an epoch, 4% of an
 # ST-FCN epoch on R); Draw only reads them, where load()'s callers may write to theirs
 _digits_kept = lru_cache(maxsize=2)(_digits)

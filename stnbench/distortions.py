@@ -184,7 +184,7 @@ def _add_clutter(canvas: Tensor, digits: Tensor, sources, crops, spots, size: in
 class Draw:
     """One draw of a split's distortions: every random value drawn up front (cheap), the images
     rendered on demand, ``images(idx)`` being ``compose(...)[0][idx]``, so that training on fresh
-    draws renders each batch as it needs it (stnbench.train.batches).
+    draws renders each batch as it needs it (stnbench.tasks.classify.batches).
 
     Image i's first channel is digit i distorted, each further channel a partner digit of the
     split (drawn from ``gen`` first), distorted on its own; its label is the sum of the digits'.

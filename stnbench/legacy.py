@@ -24,6 +24,15 @@ def before_loc_lr_fix(m) -> bool:
     return several and m.get("loc_lr_mult", 1) != 1 and not m.get("loc_lr_every_transformer")
 
 
+def state_fields(saved: dict) -> dict:
+    """A checkpoint's training state under today's names: before the task layer its best
+    validation metric was ``best_val_error``."""
+    if "best_val_error" in saved:
+        saved = dict(saved)
+        saved["best_val"] = saved.pop("best_val_error")
+    return saved
+
+
 def fresh_of(folder: Path) -> bool:
     """Whether a run trained on fresh draws, from its Hydra config (False where it has none):
     for a metrics.json written before it recorded ``fresh``."""

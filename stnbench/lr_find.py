@@ -17,9 +17,9 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from stnbench import device, geometry, models
+from stnbench import device, geometry, tasks
 from stnbench.optim import make_optimizer, set_lr
-from stnbench.train import batches, build_model, load_splits, train_step
+from stnbench.train import train_step
 
 log = logging.getLogger(__name__)
 GRID = (8, 8)  # where the grid's distance from the identity is measured (enough for any kind)
@@ -29,18 +29,19 @@ def range_test(cfg: DictConfig, out: Path) -> dict:
     """Run the test; write lr_find.csv and lr_find.png under ``out``; return the summary."""
     f, out = cfg.lr_find, Path(out)
     dev = device.resolve(cfg.device)
-    d = load_splits(cfg, dev)
-    model = build_model(cfg, dev)
+    task = tasks.get(cfg.task.name)
+    d = task.splits(cfg, dev)
+    model = task.build_model(cfg, dev)
     opt = make_optimizer(model, cfg.optim)
-    st = models.is_st(cfg.model.name)
-    stream = batches(cfg, d, 0)
+    st = hasattr(model, "transformers")
+    stream = task.batches(cfg, d, 0)
     rows, ema, lowest = [], 0.0, math.inf
     model.train()
     for step in range(f.steps):
         lr = f.start * (f.end / f.start) ** (step / max(1, f.steps - 1))
         set_lr(opt, lr / cfg.optim.lr)  # localisation nets keep their share (loc_lr_mult)
         x, y = next(stream)
-        loss = train_step(model, opt, x, y, cfg.train.label_smoothing)[0].item()
+        loss = train_step(model, opt, x, y, task, cfg)[0].item()
         ema = f.smoothing * ema + (1 - f.smoothing) * loss
         smoothed = ema / (1 - f.smoothing ** (step + 1))
         row = {"step": step, "lr": lr, "loss": loss, "smoothed_loss": smoothed}

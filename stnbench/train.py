@@ -1,15 +1,14 @@
 """One training run: ``train(cfg, out) -> metrics``, everything it writes under ``out``.
 
-The loop keeps the data on the device and picks each batch by index; the batch of step s is a
-pure function of (seed, epoch, position) and the learning rate a pure function of s, so a
-checkpoint (model, optimiser, ``State``) is all a resume needs to continue exactly. The helpers
-below are functions the loop calls.
+What is learned and scored is the task's (stnbench.tasks: its splits, batches, model, loss,
+evaluation and metric); the loop names none of them. The data stays on the device, the batch of
+step s is a pure function of (seed, step) and the learning rate a pure function of s, so a
+checkpoint (model, optimiser, ``State``) is all a resume needs to continue exactly.
 
 Writes, through stnbench.rundir (the folder's lock, its binding to the config, the JSON and
 checkpoint files): ``metrics.json`` (atomically, last), ``checkpoint.pt`` (at every validation);
-and TensorBoard event files. What is learned and scored is the task's (stnbench.tasks). The
-tables use ``test_error``, the final model's, as the paper reports; the best-validation model's
-is ``best_test_error``.
+and TensorBoard event files. The tables use ``test_<metric>``, the final model's, as the paper
+reports; the best-validation model's is ``best_test_<metric>``.
 """
 
 import datetime
@@ -28,13 +27,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from stnbench import allocator, data, device, errors, geometry, models, rundir, tasks, tblog
-from stnbench.config import recipe_of
+from stnbench import allocator, device, diagnostics, errors, models, rundir, tasks, tblog
 from stnbench.errors import Interrupted
-from stnbench.optim import lr_factor, make_optimizer, set_lr
+from stnbench.optim import lr_factor, make_ema, make_optimizer, set_lr
 from stnbench.rundir import claimed, finished, twin
-from stnbench.tasks import classify
-from stnbench.transformer import BLANK_INK, DEAD_SPREAD, ink, liveness
+from stnbench.transformer import BLANK_INK
 
 log = logging.getLogger(__name__)
 HPARAMS = ("data", "model", "optim", "lr", "loc_lr_mult", "schedule", "batch_size", "train_size")
@@ -47,94 +44,20 @@ class State:
     step: int = 0
     status: str = "ok"  # ok, diverged or collapsed
     reason: str = ""
-    best_val_error: float = math.inf
+    best_val: float | None = None  # the best validation metric (the task's)
     best_step: int = 0
     best_model: dict | None = None  # the best-validation model's state_dict
     streak: int = 0  # validations in a row at or above train.collapse.error
     collapsed_at: int | None = None
     seconds: float = 0.0  # wall time of the loop, validation included
     eval_seconds: float = 0.0
-    last_val: list | None = None  # [step, loss, error] of the latest validation
+    last_val: list | None = None  # [step, loss, metric] of the latest validation
     transform_spread: float | None = None  # ST models, latest validation: see transformer.liveness
     loc_dead_units: float | None = None  # share of the localisation net's units that never fired
     transform_ink: float | None = None  # ST models, latest validation: see transformer.ink
 
 
-# A run's data on the device: split -> (images (N, C, S, S), labels (N,)), for train (redrawn
-# each epoch when data.fresh), val and test
-Splits = dict[str, tuple[Tensor, Tensor]]
-
-
-# --- data, model, checkpoints -------------------------------------------------------------------
-
-
-def load_splits(cfg: DictConfig, dev: torch.device) -> Splits:
-    """The run's val and test splits, and its fixed training set unless data.fresh (batches
-    draws those)."""
-    rec, c = recipe_of(cfg), cfg.data
-
-    def split(name: str, limit: int | None):
-        x, y = data.load(c.name, name, c.root, c.seed, dev, rec)
-        return x[:limit].to(dev), y[:limit].to(dev)
-
-    sizes = {"val": cfg.train.val_size, "test": None}
-    if not c.fresh:
-        sizes["train"] = c.train_size or data.TRAIN_SIZE
-    return {name: split(name, limit) for name, limit in sizes.items()}
-
-
-def batches(cfg: DictConfig, d: Splits, start: int):
-    """The batches (x (B, C, S, S), y (B,)) of steps start, start + 1, ...: step s's batch is a
-    pure function of (seed, epoch, position), and of the epoch's fresh draw when data.fresh,
-    whose images are rendered a batch at a time (stnbench.distortions.Draw)."""
-    b, c, dev = cfg.train.batch_size, cfg.data, d["val"][0].device
-    n = min(c.train_size or data.TRAIN_SIZE, data.TRAIN_SIZE)
-    per_epoch, step = n // b, start
-    while True:
-        epoch = step // per_epoch
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(
-            cfg.seed * 1_000_003 + epoch)).to(dev)  # fmt: skip
-        if c.fresh:  # a fresh draw's labels too: addition draws new partners each epoch
-            fresh = data.draw(c.name, "train", c.root, c.seed, recipe_of(cfg), epoch)
-        for j in range(step % per_epoch, per_epoch):
-            idx = order[j * b : (j + 1) * b]
-            if c.fresh:  # the draw's values live on the CPU
-                on_cpu = idx.cpu()
-                yield fresh.images(on_cpu, dev), fresh.labels[on_cpu].to(dev)
-            else:
-                yield d["train"][0][idx], d["train"][1][idx]
-        step = (epoch + 1) * per_epoch
-
-
-def build_model(cfg: DictConfig, dev: torch.device) -> nn.Module:
-    """The run's model, initialised from its seed, as the loop runs it: on the device, its
-    convolutions in channels_last memory (+14% ST-CNN on RTS, +22% CNN on 28x28 training
-    throughput on the 2-core CPU; measured with scripts/bench_train.py)."""
-    torch.manual_seed(cfg.seed)
-    c = OmegaConf.to_container
-    channels, canvas, classes = data.shape(recipe_of(cfg))
-    net = models.from_config(c(cfg.model), c(cfg.transform), canvas, classes, channels)
-    return prepare(net, dev)
-
-
-def prepare(model: nn.Module, dev: torch.device) -> nn.Module:
-    """A model as the loop runs it (build_model's last step), for the benchmarks."""
-    return model.to(dev, memory_format=torch.channels_last)
-
-
-def trained_model(folder: Path, dev: str = "cpu"):
-    """A run's config and its model in eval mode with the weights that validation and test saw
-    (the moving average, when train.ema kept one), and the step of its checkpoint."""
-    cfg = OmegaConf.load(Path(folder) / ".hydra" / "config.yaml")
-    ckpt = rundir.load_checkpoint(Path(folder) / "checkpoint.pt", torch.device(dev))
-    model = build_model(cfg, torch.device(dev))
-    weights = ckpt["model"]
-    if "ema" in ckpt:  # an AveragedModel's: its module's, and how many it averaged
-        weights = {
-            k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"
-        }
-    model.load_state_dict(weights)
-    return cfg, model.eval(), ckpt["state"]["step"]
+# --- checkpoints and steps ------------------------------------------------------------------------
 
 
 def save_checkpoint(r: "Run") -> None:
@@ -145,33 +68,14 @@ def save_checkpoint(r: "Run") -> None:
     rundir.save_checkpoint(r.out / "checkpoint.pt", blob)
 
 
-# --- steps and evaluation -----------------------------------------------------------------------
-
-
-def train_step(
-    model: nn.Module, opt, x: Tensor, y: Tensor, label_smoothing: float = 0.0, task=classify
-):
-    """One optimiser step on the task's loss; the loss and the task's count, on the device."""
-    loss, count = task.loss(model, x, y, label_smoothing)
+def train_step(model: nn.Module, opt, x: Tensor, y: Tensor, task, cfg=None):
+    """One optimiser step on the task's loss (its settings from cfg, if given); the loss and the
+    task's count for the training log, on the device."""
+    loss, count = task.loss(model, x, y, cfg)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return loss.detach(), count
-
-
-evaluate = classify.evaluate  # classification's, for the benchmarks and tests
-
-
-def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
-    """An exponential moving average of the model's weights (None when decay is 0); its decay
-    warms up, min(decay, (1 + t) / (10 + t)) at its t-th update, so early averages are not stale."""
-    if not decay:
-        return None
-
-    def update(ema: list[Tensor], current: list[Tensor], t: Tensor) -> None:
-        torch._foreach_lerp_(ema, current, 1 - min(decay, (1 + int(t)) / (10 + int(t))))
-
-    return AveragedModel(model, multi_avg_fn=update)
 
 
 # --- bookkeeping --------------------------------------------------------------------------------
@@ -186,14 +90,14 @@ class Run:
     out: Path
     model: nn.Module
     opt: torch.optim.Optimizer
-    d: Splits
+    d: dict  # split -> (inputs, targets) on the device: the task's splits()
     state: State
     writer: SummaryWriter
     bar: tqdm
     task: ModuleType
     ema: AveragedModel | None = None
     loss_sum: Tensor | float = 0.0  # left on the device between log lines
-    wrong_sum: Tensor | int = 0
+    count_sum: Tensor | int | None = 0  # the task's count for its training metric, if any
     since_log: int = 0
     estimated: bool = False  # whether the time to the end has been logged
     t_log: float = field(default_factory=time.perf_counter)
@@ -221,11 +125,11 @@ def due(every: int, step: int, total: int) -> bool:
     return step % every == 0 or step == total
 
 
-def stepped(r: Run, loss: Tensor, wrong: Tensor) -> None:
+def stepped(r: Run, loss: Tensor, count: Tensor | None) -> None:
     """After a step's update: count it, log, validate and checkpoint when due."""
     t, state = r.cfg.train, r.state
     r.loss_sum = r.loss_sum + loss
-    r.wrong_sum = r.wrong_sum + wrong
+    r.count_sum = None if count is None else r.count_sum + count
     r.since_log += 1
     state.step += 1
     if r.ema is not None:
@@ -244,106 +148,76 @@ def stepped(r: Run, loss: Tensor, wrong: Tensor) -> None:
 
 
 def log_training(r: Run) -> None:
-    """The mean training loss and error since the last log, the lr and the rate; a non-finite
-    loss ends the run as diverged."""
-    t, step = r.cfg.train, r.state.step
+    """The mean training loss (and the task's metric, where its loss counts one) since the last
+    log, the lr and the rate; a non-finite loss ends the run as diverged."""
+    t, step, m = r.cfg.train, r.state.step, r.task.METRIC
     mean_loss = float(r.loss_sum) / r.since_log  # the one host sync per log_every
-    error = 100.0 * int(r.wrong_sum) / (r.since_log * t.batch_size)
     lr = r.cfg.optim.lr * lr_factor(r.cfg.schedule, step - 1, t.steps)
-    for tag, value in (("loss/train", mean_loss), ("error/train", error), ("lr", lr)):
+    logged = {"loss/train": mean_loss}
+    if r.count_sum is not None:
+        logged[f"{m.name}/train"] = 100.0 * int(r.count_sum) / (r.since_log * t.batch_size)
+    for tag, value in (logged | {"lr": lr}).items():
         r.writer.add_scalar(tag, value, step)
     rate = r.since_log * t.batch_size / (time.perf_counter() - r.t_log)
-    r.bar.set_postfix_str(f"loss {mean_loss:.4f} error {error:.1f}% lr {lr:.2e} {rate:.0f} img/s")
+    shown = "".join(f" {m.name} {v:.1f}{m.unit}" for k, v in logged.items() if k != "loss/train")
+    r.bar.set_postfix_str(f"loss {mean_loss:.4f}{shown} lr {lr:.2e} {rate:.0f} img/s")
     if not r.estimated:  # once per process: how long the planned steps will take at this rate
         r.estimated = True
         left = datetime.timedelta(seconds=round((t.steps - step) * t.batch_size / rate))
         log.info("%d steps to go: about %s at %.0f img/s", t.steps - step, left, rate)
-    r.loss_sum, r.wrong_sum, r.since_log, r.t_log = 0.0, 0, 0, time.perf_counter()
+    r.loss_sum, r.count_sum, r.since_log, r.t_log = 0.0, 0, 0, time.perf_counter()
     if not math.isfinite(mean_loss):
         r.state.status, r.state.reason = "diverged", f"non-finite training loss by step {step}"
         log.warning("%s diverged: %s", r.out, r.state.reason)
 
 
-def diagnose(t, x: Tensor, batch: int, writer, step: int, tag: str = "") -> tuple[float, ...]:
-    """One transformer's diagnostics on x to TensorBoard, under ``tag`` (``t2/``: the second of
-    several side by side): each parameter's histogram and spread, the distance from the
-    identity, the localisation net's dead units, its outputs' ink, 8 inputs beside its outputs.
-    Returns the mean distance, the largest spread, the share of dead units and the ink."""
-    params, fired = liveness(t, x, batch)  # (N, P), (U,)
-    distance = (params - t.identity).norm(dim=1).mean().item()
-    spread = params.std(0)  # (P,): how much each parameter follows the input
-    for i, name in enumerate(geometry.param_names(t.kind)):
-        writer.add_histogram(f"theta/{tag}{name}", params[:, i], step)
-        writer.add_scalar(f"transform_spread/{tag}{name}", spread[i], step)
-    writer.add_scalar(f"transform/{tag}identity_distance", distance, step)
-    share = ink(t, x[:batch])
-    writer.add_scalar(f"transform/{tag}ink", share, step)
-    with torch.no_grad():
-        shown, p = t(x[:8])
-    panel = tblog.transform_panel(x[:8], shown, t.kind, p)
-    writer.add_image(f"transform/{tag}{tblog.PANEL}", panel, step)
-    return distance, spread.max().item(), 1 - fired.float().mean().item(), share
-
-
 def validate(r: Run) -> None:
-    """Validation error (and, for ST models, the transformer's diagnostics) to TensorBoard and
-    the log; the best model, divergence and collapse into the state."""
+    """The task's validation metric (and, for models with transformers, their diagnostics) to
+    TensorBoard and the log; the best model, divergence and collapse into the state."""
     model, d, t, state, writer = r.evaluated, r.d, r.cfg.train, r.state, r.writer
-    step, evaluate = state.step, r.task.evaluate
+    step, evaluate, m = state.step, r.task.evaluate, r.task.METRIC
     model.eval()
-    loss, err = evaluate(model, *d["val"], t.eval_batch_size)
+    loss, value = evaluate(model, *d["val"], t.eval_batch_size)
     writer.add_scalar("loss/val", loss, step)
-    writer.add_scalar("error/val", err, step)
+    writer.add_scalar(f"{m.name}/val", value, step)
     writer.add_scalar("time/seconds", state.seconds, step)  # the loop's wall time so far
-    line = f"step {step}: val loss {loss:.4f}, error {err:.2f}%"
-    if models.is_st(r.cfg.model.name):
-        _, err_raw = evaluate(model.untransformed, *d["val"], t.eval_batch_size)
-        writer.add_scalar("error/val_untransformed", err_raw, step)
-        several = len(model.transformers) > 1  # one transformer: its tags as they always were
-        distance, spread, dead, shares = zip(*(
-            diagnose(tr, d["val"][0], t.eval_batch_size, writer, step, f"t{i + 1}/" * several)
-            for i, tr in enumerate(model.transformers)
-        ), strict=True)  # fmt: skip
+    line = f"step {step}: val loss {loss:.4f}, {m.name} {value:.2f}{m.unit}"
+    if hasattr(model, "untransformed"):
+        _, raw = evaluate(model.untransformed, *d["val"], t.eval_batch_size)
+        writer.add_scalar(f"{m.name}/val_untransformed", raw, step)
+        line += f" (untransformed {raw:.2f}{m.unit})"
+    if hasattr(model, "transformers"):
         # a run is as alive as its least alive transformer
-        state.transform_spread, state.loc_dead_units = min(spread), max(dead)
-        state.transform_ink = min(shares)
-        writer.add_scalar("transform/spread", state.transform_spread, step)
-        writer.add_scalar("transform/dead_units", state.loc_dead_units, step)
-        line += f" (untransformed {err_raw:.2f}%), distance from identity "
-        line += f"{', '.join(f'{v:.3f}' for v in distance)}, spread {state.transform_spread:.2g}, "
-        line += f"dead units {state.loc_dead_units:.0%}, ink {state.transform_ink:.2f}"
+        spread, state.loc_dead_units, state.transform_ink, said = diagnostics.transformers(
+            model, d["val"][0], t.eval_batch_size, writer, step
+        )
+        state.transform_spread = spread
+        line += f", {said}"
     log.info("%s", line)
     model.train()
-    state.last_val = [step, loss, err]
+    state.last_val = [step, loss, value]
     if not math.isfinite(loss):
         state.status, state.reason = "diverged", f"non-finite validation loss at step {step}"
         return
-    if err < state.best_val_error:
-        state.best_val_error, state.best_step = err, step
+    if m.better(value, state.best_val):
+        state.best_val, state.best_step = value, step
         state.best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    c = t.collapse
-    state.streak = state.streak + 1 if err >= c.error else 0
+    c = t.collapse  # c.error: the metric at or past which a validation is near chance
+    state.streak = 0 if m.better(value, c.error) else state.streak + 1
     # near chance for patience validations is a collapse once the run has learned and lost it,
     # its transformer outputs blank images, or it is past its grace: else a slow start
-    relapsed = state.best_val_error < c.error
+    relapsed = m.better(state.best_val, c.error)
     blank = state.transform_ink is not None and state.transform_ink < BLANK_INK
     late = step >= c.grace * t.steps
     if state.streak >= c.patience and state.collapsed_at is None and (relapsed or blank or late):
         state.collapsed_at = step
         why = "it had learned" if relapsed else "blank transformer outputs" if blank else "late"
-        line = f"validation error >= {c.error:g}% for {c.patience} validations by step {step}"
+        at = ">=" if m.lower_is_better else "<="
+        line = f"validation {m.name} {at} {c.error:g}{m.unit} for {c.patience} validations by "
+        line += f"step {step}"
         log.warning("collapse: %s (%s)", line, why)
         if c.stop:
             state.status, state.reason = "collapsed", f"{line} ({why})"
-
-
-def dead(spread: float | None, share: float | None) -> bool | None:
-    """Whether a run's transformer is dead at its last validation: it stopped following its
-    input (spread below DEAD_SPREAD), or it samples blank space (its outputs keep less than
-    BLANK_INK of the input's ink: flown off the canvas, whatever its spread). None without one."""
-    if spread is None:
-        return None
-    return spread < DEAD_SPREAD or (share is not None and share < BLANK_INK)
 
 
 def finish(r: Run) -> dict:
@@ -351,22 +225,22 @@ def finish(r: Run) -> dict:
     clock(r)
     r.bar.close()
     model, d, t, state, cfg = r.evaluated, r.d, r.cfg.train, r.state, r.cfg
-    evaluate = r.task.evaluate
+    evaluate, name = r.task.evaluate, r.task.METRIC.name
     if state.status == "ok" and state.streak >= t.collapse.patience:  # stayed near chance
         state.status, state.reason = "collapsed", f"near chance since step {state.collapsed_at}"
     model.eval()
     final, batch = {}, t.eval_batch_size
     if state.status != "diverged":
         if state.last_val and state.last_val[0] == state.step:  # validated at the end
-            final["val_loss"], final["val_error"] = state.last_val[1:]
+            final["val_loss"], final["val"] = state.last_val[1:]
         else:
-            final["val_loss"], final["val_error"] = evaluate(model, *d["val"], batch)
-        final["test_loss"], final["test_error"] = evaluate(model, *d["test"], batch)
-        if models.is_st(cfg.model.name):
-            _, final["test_error_untransformed"] = evaluate(model.untransformed, *d["test"], batch)
+            final["val_loss"], final["val"] = evaluate(model, *d["val"], batch)
+        final["test_loss"], final["test"] = evaluate(model, *d["test"], batch)
+        if hasattr(model, "untransformed"):
+            _, final["untransformed"] = evaluate(model.untransformed, *d["test"], batch)
     best_test = None
     if state.best_model is not None and state.best_step == state.step and final:
-        best_test = final["test_error"]  # the final model is the best one
+        best_test = final["test"]  # the final model is the best one
     elif state.best_model is not None:
         model.load_state_dict(state.best_model)
         _, best_test = evaluate(model, *d["test"], batch)
@@ -374,17 +248,17 @@ def finish(r: Run) -> dict:
     metrics = {
         "status": state.status,
         "reason": state.reason,
-        "test_error": final.get("test_error"),
-        "val_error": final.get("val_error"),
-        "best_test_error": best_test,
-        "best_val_error": None if best_test is None else state.best_val_error,
+        f"test_{name}": final.get("test"),
+        f"val_{name}": final.get("val"),
+        f"best_test_{name}": best_test,
+        f"best_val_{name}": None if best_test is None else state.best_val,
         "best_step": state.best_step if best_test is not None else None,
-        "test_error_untransformed": final.get("test_error_untransformed"),
+        f"test_{name}_untransformed": final.get("untransformed"),
         "collapsed_at": state.collapsed_at,
         "transform_spread": spread,  # at the last validation (ST models)
         "transform_ink": state.transform_ink,
         "loc_dead_units": state.loc_dead_units,
-        "transformer_dead": dead(spread, state.transform_ink),
+        "transformer_dead": diagnostics.dead(spread, state.transform_ink),
         "params": models.count(model),
         "steps": state.step,
         "seconds": round(state.seconds, 2),
@@ -396,13 +270,14 @@ def finish(r: Run) -> dict:
     metrics["digest"] = rundir.digest(metrics)
     hparam = {k: metrics[k] for k in HPARAMS} | {"seed": metrics["seed"]}
     hparam |= {"transform": metrics["transform"] or "none", "residual": bool(metrics["residual"])}
-    keys = ("test_error", "val_error", "best_test_error")
+    keys = (f"test_{name}", f"val_{name}", f"best_test_{name}")
     final = {k: metrics[k] for k in keys if metrics[k] is not None}
     tblog.write_hparams(r.writer, hparam, final, state.step)
     r.writer.close()
     rundir.write_json(r.out / "metrics.json", metrics)
-    log.info("%s: %s; test error %s%% (best-validation model %s%%)", r.out, metrics["status"],
-             metrics["test_error"], metrics["best_test_error"])  # fmt: skip
+    unit = r.task.METRIC.unit
+    log.info("%s: %s; test %s %s%s (best-validation model %s%s)", r.out, metrics["status"], name,
+             metrics[f"test_{name}"], unit, best_test, unit)  # fmt: skip
     return metrics
 
 
@@ -430,8 +305,9 @@ def loop(cfg: DictConfig, out: Path, progress: bool, stop) -> dict:
     """The training loop of a run whose folder this process holds (train's)."""
     dev = device.resolve(cfg.device)
     allocator.keep_freed_memory()
-    d = load_splits(cfg, dev)
-    model = build_model(cfg, dev)
+    task = tasks.get(cfg.task.name)
+    d = task.splits(cfg, dev)
+    model = task.build_model(cfg, dev)
     opt = make_optimizer(model, cfg.optim)
     ema = make_ema(model, cfg.train.ema)
     state = rundir.restore(out, model, opt, ema, State)
@@ -442,16 +318,16 @@ def loop(cfg: DictConfig, out: Path, progress: bool, stop) -> dict:
         writer.add_text("model/params", text)
     bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not progress, unit="step",
                dynamic_ncols=True, leave=False)  # fmt: skip
-    r = Run(cfg, out, model, opt, d, state, writer, bar, tasks.get(cfg.task.name), ema)
-    stream = batches(cfg, d, state.step)
+    r = Run(cfg, out, model, opt, d, state, writer, bar, task, ema)
+    stream = task.batches(cfg, d, state.step)
     model.train()
     # Ctrl-C and SIGTERM end the loop between two steps, so that its checkpoint resumes exactly
     with logging_redirect_tqdm(), errors.deferred_interrupts() as caught:
         while r.training and not (caught or stop()):
             x, y = next(stream)
             set_lr(opt, lr_factor(cfg.schedule, r.state.step, cfg.train.steps))
-            loss, wrong = train_step(model, opt, x, y, cfg.train.label_smoothing, r.task)
-            stepped(r, loss, wrong)
+            loss, count = train_step(model, opt, x, y, task, cfg)
+            stepped(r, loss, count)
         return interrupted(r) if r.training else finish(r)
 
 

@@ -47,7 +47,29 @@ def loc_cnn(input_size: int, channels: int = 1) -> nn.Sequential:
     )
 
 
-LOCALISATION = {"fcn": (loc_fcn, LOC_FCN_HIDDEN), "cnn": (loc_cnn, LOC_CNN_HIDDEN)}
+def loc_coloc(input_size: int, channels: int = 1) -> nn.Sequential:
+    """Co-localisation's localisation trunk (the paper's Appendix A.2): conv 8 9x9 stride 4,
+    max-pool 2, FC 8, FC 8: (B, C, S, S) -> (B, 8) features."""
+    side = ((input_size - 9) // 4 + 1) // 2
+    if side < 1:
+        raise StnbenchError(f"input size {input_size} is too small for co-localisation's net")
+    return nn.Sequential(
+        nn.Conv2d(channels, 8, 9, stride=4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * side * side, 8),
+        nn.ReLU(),
+        nn.Linear(8, 8),
+        nn.ReLU(),
+    )
+
+
+LOCALISATION = {
+    "fcn": (loc_fcn, LOC_FCN_HIDDEN),
+    "cnn": (loc_cnn, LOC_CNN_HIDDEN),
+    "coloc": (loc_coloc, 8),
+}
 
 
 class SpatialTransformer(nn.Module):

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from stnbench.models import build
-from stnbench.train import prepare
+from stnbench.models import build, prepare
 
 FAULTS = """
 import resource, sys, torch
 from stnbench import allocator
 from stnbench.models import build
+from stnbench.tasks import classify
 from stnbench.train import train_step
 
 setting = allocator.keep_freed_memory if sys.argv[1] == "keep" else allocator.restore
@@ -28,7 +28,7 @@ x, y = torch.rand(128, 1, 28, 28), torch.randint(0, 10, (128,))
 for steps in (3, 5):  # warm up, then measure training steps
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
-        train_step(net, opt, x, y)
+        train_step(net, opt, x, y, classify)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
 """
 

@@ -19,7 +19,11 @@ from stnbench.cli import load_config
 from stnbench.data import cache_path as data_cache
 from stnbench.data import load, recipes
 from stnbench.errors import Interrupted
-from stnbench.train import evaluate, lr_factor, train, trained_model
+from stnbench.optim import make_ema
+from stnbench.rundir import trained_model
+from stnbench.tasks import classify
+from stnbench.tasks.classify import evaluate
+from stnbench.train import lr_factor, train
 
 TINY = [
     "data.train_size=3000",
@@ -252,7 +256,7 @@ def test_a_blown_up_transformer_stops_at_once(mnist_root, tmp_path):
 
 
 def test_a_transformer_is_dead_when_its_parameters_are_steady_or_its_outputs_blank():
-    from stnbench.train import dead
+    from stnbench.diagnostics import dead
 
     assert dead(None, None) is None  # no transformer
     assert dead(0.0, 0.9) and dead(0.3, 0.05)  # steady; flown off with a varying theta
@@ -352,7 +356,7 @@ def test_nesterov_and_label_smoothing_reach_torch(mnist_root):
     from stnbench.optim import make_optimizer
     from stnbench.train import train_step
 
-    cfg = config("model=st_fcn", "optim.nesterov=true")
+    cfg = config("model=st_fcn", "optim.nesterov=true", "train.label_smoothing=0.2")
     torch.manual_seed(0)
     model = models.from_config(dict(cfg.model), dict(cfg.transform), 42)
     opt = make_optimizer(model, cfg.optim)
@@ -360,7 +364,7 @@ def test_nesterov_and_label_smoothing_reach_torch(mnist_root):
     x, y = torch.rand(8, 1, 42, 42), torch.randint(0, 10, (8,))
     with torch.no_grad():
         logits = model(x)
-    loss, wrong = train_step(model, opt, x, y, label_smoothing=0.2)
+    loss, wrong = train_step(model, opt, x, y, classify, cfg)
     assert loss == pytest.approx(F.cross_entropy(logits, y, label_smoothing=0.2).item())
     assert wrong == (logits.argmax(1) != y).sum()
     with pytest.raises(Exception, match="optim.nesterov must be false unless optim=sgd"):
@@ -414,13 +418,13 @@ def test_ema_is_what_is_evaluated_and_resumes_exactly(mnist_root, tmp_path, monk
     ckpt = torch.load(tmp_path / "whole" / "run" / "checkpoint.pt")
     cfg = config(*args)
     cpu = torch.device("cpu")
-    model = loop.prepare(models.from_config(dict(cfg.model), dict(cfg.transform), 28), cpu)
-    ema = loop.make_ema(model, 0.9)
+    model = models.prepare(models.from_config(dict(cfg.model), dict(cfg.transform), 28), cpu)
+    ema = make_ema(model, 0.9)
     ema.load_state_dict(ckpt["ema"])
-    d = loop.load_splits(cfg, cpu)
-    _, test_ema = loop.evaluate(ema.module.eval(), *d["test"], 1000)
+    d = classify.splits(cfg, cpu)
+    _, test_ema = evaluate(ema.module.eval(), *d["test"], 1000)
     model.load_state_dict(ckpt["model"])
-    _, test_raw = loop.evaluate(model.eval(), *d["test"], 1000)
+    _, test_raw = evaluate(model.eval(), *d["test"], 1000)
     assert whole["test_error"] == test_ema != test_raw  # the average is tested, not the weights
     assert int(ckpt["ema"]["n_averaged"]) == 40
 
@@ -656,3 +660,15 @@ def test_device_names_are_checked_before_torch_sees_them():
             resolve(bad)
     with pytest.raises(StnbenchError, match="device=cuda:99 but"):  # no GPU, or not 100 of them
         resolve("cuda:99")
+
+
+def test_a_checkpoint_from_before_the_task_layer_resumes_with_its_best_validation():
+    """Checkpoints written before the loop read the task's metric saved best_val_error."""
+    from stnbench import legacy
+    from stnbench.train import State
+
+    saved = vars(State(step=500, best_step=250)) | {"best_val_error": 3.25}
+    del saved["best_val"]
+    state = State(**legacy.state_fields(saved))
+    assert (state.step, state.best_val, state.best_step) == (500, 3.25, 250)
+    assert legacy.state_fields(vars(state)) == vars(state)

@@ -15,10 +15,15 @@ from stnbench.errors import StnbenchError, describe
 def load_config(name: str, overrides: list[str], with_hydra: bool = False) -> DictConfig:
     """Compose a primary config from the installed stnbench.conf with Hydra overrides and check
     it (stnbench.config.check); with Hydra's own node, ``hydra``, when ``with_hydra``."""
+    from hydra.core.global_hydra import GlobalHydra
+
     from stnbench import config  # its schemas in Hydra's ConfigStore (it imports torch)
 
-    with initialize_config_module(config_module="stnbench.conf", version_base="1.3"):
+    if GlobalHydra.instance().is_initialized():  # inside a command's run (task=coloc's encoder)
         cfg = compose(config_name=name, overrides=overrides, return_hydra_config=with_hydra)
+    else:
+        with initialize_config_module(config_module="stnbench.conf", version_base="1.3"):
+            cfg = compose(config_name=name, overrides=overrides, return_hydra_config=with_hydra)
     config.check(cfg)
     return cfg
 

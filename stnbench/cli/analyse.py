@@ -1,5 +1,5 @@
-"""stnbench-analyse pose|attention DIR [DIR ...]: what a sweep's spatial transformers learned
-(stnbench.analysis), read from its run folders as stnbench-report reads them."""
+"""stnbench-analyse pose|attention|boxes DIR [DIR ...]: what a sweep's spatial transformers
+learned (stnbench.analysis), read from its run folders as stnbench-report reads them."""
 
 import argparse
 import sys
@@ -23,7 +23,11 @@ def main() -> int:
         help="on addition: the share of each transformer's output ink from the first digit "
         "(CSV), and 8 test images through each transformer (PNG)",
     )
-    for p in (pose, attention):
+    boxes = sub.add_parser(
+        "boxes",
+        help="on co-localisation: test images per class with the digit's box and the crop (PNG)",
+    )
+    for p in (pose, attention, boxes):
         p.add_argument("dirs", nargs="+", metavar="DIR", help="folders of runs")
         p.add_argument("--seed", type=int, default=0, help="whose runs the PNG shows")
     pose.add_argument("--data", default="rts", help="the distortion: affine, no clutter (r, rts)")
@@ -31,6 +35,7 @@ def main() -> int:
                         (attention, "attention.png", "attention.csv")):  # fmt: skip
         p.add_argument("--png", type=Path, help=f"default: DIR/report/{png}")
         p.add_argument("--csv", type=Path, help=f"default: DIR/report/{csv}")
+    boxes.add_argument("--png", type=Path, help="default: DIR/report/boxes.png")
     args = parser.parse_args()
 
     def body() -> None:
@@ -43,6 +48,11 @@ def main() -> int:
             table = analysis.pose_table(args.dirs, args.data, args.seed, png, csv)
             means = table.groupby("row", sort=False).mean(numeric_only=True).drop(columns="seed")
             print(means.round(3).to_string())
+        elif args.what == "boxes":
+            png = args.png or out / "boxes.png"
+            print(analysis.boxes_figure(args.dirs, args.seed, png).to_string(index=False))
+            print(f"wrote {png}")
+            return
         else:
             png, csv = args.png or out / "attention.png", args.csv or out / "attention.csv"
             table = analysis.attention_table(args.dirs, args.seed, png, csv)

@@ -22,6 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from stnbench import tasks
 from stnbench.cli import run
 from stnbench.config import check, pin_hint, unpinned_sweeps
 from stnbench.errors import StnbenchError, one_line
@@ -85,7 +86,9 @@ def job(cfg: DictConfig) -> dict | str | None:
     OUTCOMES[metrics["status"]] += 1
     if not sweep:
         where = os.path.relpath(out)
-        print(f"{PROG}: {metrics['status']}, test error {metrics['test_error']}% -> {where}")
+        m = tasks.get(cfg.task.name).METRIC
+        test = metrics[f"test_{m.name}"]
+        print(f"{PROG}: {metrics['status']}, test {m.name} {test}{m.unit} -> {where}")
         print(f"TensorBoard: tensorboard --logdir {where}, then open {TENSORBOARD_URL}")
     return metrics
 

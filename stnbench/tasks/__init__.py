@@ -19,7 +19,7 @@ from types import ModuleType
 
 from stnbench.errors import StnbenchError
 
-TASKS = ("classify",)
+TASKS = ("classify", "coloc")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,10 @@ class Metric:
     unit: str
     lower_is_better: bool
     chance: float  # what a guess scores
+
+    def better(self, value: float, than: float | None) -> bool:
+        """Whether ``value`` is better than ``than`` (None: nothing yet)."""
+        return than is None or (value < than if self.lower_is_better else value > than)
 
 
 def get(name: str) -> ModuleType:

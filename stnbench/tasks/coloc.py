@@ -1,0 +1,287 @@
+"""Co-localisation (the paper's Appendix A.2): find the common digit in a set of images of one
+class, with no boxes and no labels.
+
+An attention transformer (scale and translation, 3 parameters; the paper's localisation net,
+stnbench.transformer.loc_coloc) crops 28x28 from each 84x84 image. It is trained with a triplet
+hinge loss on the features of a frozen encoder e (the classification CNN trained on plain MNIST
+by stnbench itself: its two hidden layers and its logits): over the pairs n != m of a batch,
+
+    max(0, ||e(T(I_n)) - e(T(I_m))||^2 - ||e(T(I_n)) - e(rand(I_n))||^2 + margin),
+
+T(I) the transformer's crop and rand(I) a 28x28 crop at a random place, drawn per step. The
+digit's box comes with the data for evaluation only: the metric is the share (%) of images whose
+crop's box has IoU > 0.5 with it (``iou50``; the paper: 100% of T, 75-93% of TC by class).
+
+Splits: ``task.images`` images of class ``data.digit`` from each of MNIST's train, val and test
+splits, chosen from the data seed, on the data's recipe (coloc_t, coloc_tc). Targets are the
+digits' boxes (N, 4): x0, y0, x1, y1 in the canvas's normalised coordinates ([-1, 1]).
+"""
+
+import fcntl
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from stnbench import data, geometry, models
+from stnbench.config import recipe_of
+from stnbench.errors import StnbenchError, one_line
+from stnbench.tasks import Metric
+from stnbench.transformer import SpatialTransformer
+
+log = logging.getLogger(__name__)
+METRIC = Metric(name="iou50", unit="%", lower_is_better=False, chance=0.0)  # the identity's: 0
+CROP = data.DIGIT  # the transformer's output and the random crops: 28x28
+FEATURES = (2, 5, 7)  # the encoder CNN's layers whose outputs are its features: both pools, logits
+
+
+def settings(cfg: DictConfig) -> dict:
+    """What metrics.json records of the task: its name, the class, the model it trains."""
+    return {"task": "coloc", "digit": cfg.data.digit, "model": "coloc", "transform": "attention",
+            "residual": False, "tanh": False, "transformers": 1, "multi": False}  # fmt: skip
+
+
+def _checked(cfg: DictConfig) -> None:
+    if cfg.data.digit is None:
+        raise StnbenchError("data.digit: task=coloc trains on one class; set it to 0-9")
+    rec = recipe_of(cfg)
+    if rec is None or rec.kind != "affine" or rec.digits != 1 or not rec.place:
+        raise StnbenchError(f"data={cfg.data.name}: task=coloc needs a placed one-digit recipe "
+                            "(data=coloc_t or coloc_tc)")  # fmt: skip
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def boxes(params: Tensor) -> Tensor:
+    """The canvas boxes (N, 4) that affine warps (N, 6), canvas -> digit, send the whole 28x28
+    digit from: the digit's frame, as the recipe placed it."""
+    a = params.double().view(-1, 2, 3)
+    corners = torch.tensor([[-1.0, -1], [1, -1], [-1, 1], [1, 1]], dtype=torch.float64)
+    # digit d = A c + b, so c = A^-1 (d - b)
+    c = (corners[None] - a[:, None, :, 2]) @ torch.linalg.inv(a[:, :, :2]).transpose(1, 2)
+    return torch.cat([c.amin(1), c.amax(1)], dim=1).float()  # (N, 4): x0, y0, x1, y1
+
+
+def crop_boxes(params: Tensor) -> Tensor:
+    """The canvas boxes (N, 4) that attention crops (s, tx, ty) (N, 3) sample."""
+    s, t = params[:, :1].abs(), params[:, 1:]
+    return torch.cat([t - s, t + s], dim=1)
+
+
+def iou(a: Tensor, b: Tensor) -> Tensor:
+    """Intersection over union of boxes (N, 4) and (N, 4), x0, y0, x1, y1: (N,)."""
+    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp_min(0)
+    inter = wh[:, 0] * wh[:, 1]
+    area = (a[:, 2:] - a[:, :2]).prod(1) + (b[:, 2:] - b[:, :2]).prod(1)
+    return inter / (area - inter).clamp_min(1e-12)
+
+
+def found(params: Tensor, box: Tensor) -> Tensor:
+    """Whether each crop (N, 3) finds its digit: IoU > 0.5 with its box (N, 4). (N,) bool."""
+    return iou(crop_boxes(params), box) > 0.5
+
+
+def splits(cfg: DictConfig, dev: torch.device) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each split's ``task.images`` images of class data.digit (N, 1, 84, 84) and their digits'
+    boxes (N, 4), on the device."""
+    _checked(cfg)
+    c, out = cfg.data, {}
+    for split in data.SPLITS:
+        draw = data.fixed_draw(c.name, split, c.root, c.seed, recipe_of(cfg))
+        idx = members(cfg, split)
+        out[split] = draw.images(idx, dev), boxes(draw.plans[0].params[idx]).to(dev)
+    return out
+
+
+def members(cfg: DictConfig, split: str) -> Tensor:
+    """Which images of the split a run uses: task.images of class data.digit, drawn from the
+    data seed, in the split's order."""
+    c, n = cfg.data, cfg.task.images
+    mine = (data.mnist_split(split, c.root)[1] == c.digit).nonzero().squeeze(1)
+    gen = torch.Generator().manual_seed(c.seed * 1_000_003 + data.SPLITS.index(split))
+    idx = mine[torch.randperm(len(mine), generator=gen)[:n]].sort().values
+    if len(idx) < n:
+        raise StnbenchError(f"task.images: {split} has {len(idx)} images of {c.digit}; got {n}")
+    return idx
+
+
+def random_crops(n: int, gen: torch.Generator) -> Tensor:
+    """n attention params (s, tx, ty) of 28x28 crops placed uniformly at random in an 84x84
+    canvas (the loss's rand(I))."""
+    s = CROP / 84
+    t = (torch.rand(n, 2, generator=gen) * 2 - 1) * (1 - s)
+    return torch.cat([torch.full((n, 1), s), t], dim=1)
+
+
+def batches(cfg: DictConfig, d: dict, start: int):
+    """Step s's batch: (images (B, 1, 84, 84), random crops (B, 3)), a pure function of (seed,
+    s): train.batch_size of the class's training images (all of them where it is larger), and
+    a random crop of each."""
+    x = d["train"][0]
+    b = min(cfg.train.batch_size, len(x))
+    for step in range(start, cfg.train.steps + 1):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randperm(len(x), generator=gen)[:b]
+        yield x[idx.to(x.device)], random_crops(b, gen).to(x.device)
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+
+class CoLocaliser(nn.Module):
+    """The attention transformer, 84x84 -> 28x28, beside the frozen encoder its loss reads."""
+
+    def __init__(self, transformer: SpatialTransformer, encoder: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        self.encoder = encoder.requires_grad_(False)
+
+    @property
+    def transformers(self) -> list[SpatialTransformer]:
+        return [self.transformer]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.transformer(x)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()  # frozen: the same features in training and evaluation
+        return self
+
+    def features(self, crops: Tensor) -> Tensor:
+        """The encoder's features of 28x28 crops (B, F): its two hidden layers and its logits."""
+        out, h = [], crops
+        for i, layer in enumerate(self.encoder):
+            h = layer(h)
+            if i in FEATURES:
+                out.append(h.flatten(1))
+        return torch.cat(out, dim=1)
+
+
+def encoder(cfg: DictConfig, dev: torch.device) -> nn.Module:
+    """The frozen encoder: the CNN of the run in task.encoder, trained there first (with
+    task.encoder_args) if it is not finished. Concurrent runs wait for the one training it."""
+    from stnbench.cli import load_config
+    from stnbench.train import train
+
+    folder, args = Path(cfg.task.encoder), list(cfg.task.encoder_args)
+    enc_cfg = load_config("stnbench_train", args)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # blocking: one process trains it, the others wait
+        done = folder / "metrics.json"
+        if not done.exists():
+            log.info("task.encoder: training %s first (%s)", folder, " ".join(args))
+            train(enc_cfg, folder)
+    return load_encoder(folder, enc_cfg, dev)
+
+
+def load_encoder(folder: Path, enc_cfg: DictConfig, dev: torch.device) -> nn.Module:
+    """The encoder CNN of the finished run in ``folder``, checked: a CNN on 28x28 MNIST."""
+    from stnbench.rundir import evaluated_weights, load_checkpoint, read_json
+
+    metrics = read_json(folder / "metrics.json")
+    if metrics.get("status") != "ok" or metrics.get("model") != "cnn":
+        got = f"a {metrics.get('model')} run that ended {metrics.get('status')}"
+        raise StnbenchError(f"task.encoder: {folder} holds {got}; expected a CNN that ended ok")
+    path = folder / "checkpoint.pt"
+    if not path.exists():
+        raise StnbenchError(f"task.encoder: {path} is missing; delete {folder} and it is retrained")
+    net = models.from_config(OmegaConf.to_container(enc_cfg.model), None, CROP, 10, 1)
+    try:
+        net.load_state_dict(evaluated_weights(load_checkpoint(path, torch.device("cpu"))))
+    except RuntimeError as e:
+        raise StnbenchError(f"task.encoder: {path} is not a CNN on 28x28 MNIST as task."
+                            f"encoder_args build it ({one_line(e)[:200]})") from None  # fmt: skip
+    return net.to(dev).eval()
+
+
+def build_model(cfg: DictConfig, dev: torch.device) -> nn.Module:
+    """The attention transformer (initialised from the seed) beside the frozen encoder."""
+    _checked(cfg)
+    enc = encoder(cfg, dev)
+    torch.manual_seed(cfg.seed)
+    t = SpatialTransformer("coloc", "attention", recipe_of(cfg).canvas, out_size=CROP)
+    return CoLocaliser(t, enc).to(dev)
+
+
+# --- loss and evaluation ------------------------------------------------------------------------
+
+
+def triplet(model: CoLocaliser, x: Tensor, crops: Tensor, margin: float) -> tuple[Tensor, Tensor]:
+    """The triplet hinge loss (module doc), its mean over the batch's pairs; the crops' params."""
+    out, params = model(x)
+    rand = geometry.warp(x, "attention", crops, (CROP, CROP))
+    a, q = model.features(out), model.features(rand)
+    pos = torch.cdist(a, a).pow(2)  # (B, B): ||e(T(I_n)) - e(T(I_m))||^2
+    neg = (a - q).pow(2).sum(1, keepdim=True)  # (B, 1): ||e(T(I_n)) - e(rand(I_n))||^2
+    hinge = (pos - neg + margin).clamp_min(0)
+    pairs = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
+    return hinge[pairs].mean(), params
+
+
+def loss(model, x: Tensor, crops: Tensor, cfg: DictConfig | None = None) -> tuple[Tensor, None]:
+    """The training loss on a batch; no training metric (the boxes are for evaluation only)."""
+    margin = cfg.task.margin if cfg is not None else 1.0
+    return triplet(model, x, crops, margin)[0], None
+
+
+@torch.no_grad()
+def evaluate(model, x: Tensor, box: Tensor, batch: int) -> tuple[float, float]:
+    """The triplet loss (margin 1, fixed random crops) and iou50 (%) on a split, in batches."""
+    gen = torch.Generator().manual_seed(0)
+    total, hits = 0.0, 0
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch]
+        value, params = triplet(model, xb, random_crops(len(xb), gen).to(x.device), 1.0)
+        total += value.item() * len(xb)
+        hits += int(found(params, box[i : i + batch]).sum())
+    return total / len(x), 100.0 * hits / len(x)
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+COLUMNS = {"coloc_t": "T", "coloc_tc": "TC"}
+PAPER = {"coloc_t": "100", "coloc_tc": "75-93"}  # % of images with IoU > 0.5, every class (A.2)
+
+
+def table(runs) -> tuple["pd.DataFrame", str]:  # noqa: F821
+    """stnbench-report's per-class table of co-localisation runs: a row per dataset, a column
+    per class, each the mean ± std (n) of test iou50 over the runs that ended ok, the mean over
+    classes, and the paper's figure. Returns the table (CSV) and its Markdown."""
+    import pandas as pd
+
+    from stnbench.report import STATUSES
+
+    runs = runs.assign(digit=runs.digit.astype("Int64"))
+    ok = runs[runs.status == "ok"]
+    records, shown = [], []
+    for name in sorted(runs["data"].unique(), key=lambda n: (n not in COLUMNS, n)):
+        record = {"data": name}
+        text = {"data": COLUMNS.get(name, name)}
+        for digit in range(10):
+            values = ok[(ok["data"] == name) & (ok.digit == digit)].test_iou50.astype(float)
+            others = runs[(runs["data"] == name) & (runs.digit == digit) & (runs.status != "ok")]
+            record |= {f"{digit}": values.mean(), f"{digit} std": values.std(),
+                       f"{digit} n": len(values)}  # fmt: skip
+            cell = "" if values.empty else f"{values.mean():.1f}"
+            cell += f" ± {values.std():.1f}" if len(values) > 1 else ""
+            cell += f" ({len(values)})" if len(values) else ""
+            flags = ", ".join(f"{(others.status == s).sum()} {s}" for s in STATUSES[1:]
+                              if (others.status == s).any())  # fmt: skip
+            text[str(digit)] = (cell or "missing") + (f" [{flags}]" if flags else "")
+        means = ok[ok["data"] == name].groupby("digit").test_iou50.mean()
+        record["mean over classes"] = means.mean() if len(means) == 10 else float("nan")
+        text["mean"] = f"{means.mean():.1f}" if len(means) == 10 else ""
+        record["paper"] = text["paper"] = PAPER.get(name, "")
+        records.append(record)
+        shown.append(text)
+    md = pd.DataFrame(shown).to_markdown(index=False, disable_numparse=True)
+    legend = ("Co-localisation: % of test images whose crop has IoU > 0.5 with the digit's box, "
+              "per class: mean ± std over the runs that ended ok (how many); in brackets the runs "
+              "that did not. Mean: over the 10 classes' means. Paper: Jaderberg et al. 2015, "
+              "Appendix A.2 (T: 100% for every class; TC: 75-93% by class).")  # fmt: skip
+    return pd.DataFrame(records), md + "\n\n" + legend + "\n"

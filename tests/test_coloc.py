@@ -1,0 +1,131 @@
+"""Co-localisation (stnbench.tasks.coloc): the digits' boxes, IoU, the score of known crops, the
+encoder's checks, bad input, and a short run that finds the digit."""
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from stnbench.cli import load_config
+from stnbench.errors import StnbenchError
+from stnbench.tasks import coloc
+
+
+def config(*args: str):
+    return load_config("stnbench_train", ["task=coloc", *args])
+
+
+@pytest.mark.parametrize("name", ["coloc_t", "coloc_tc"])
+def test_each_box_holds_its_digits_ink_and_is_the_digits_frame(name, mnist_root):
+    from stnbench import data
+    from stnbench.config import recipe_of
+    from stnbench.distortions import Plan, render
+
+    cfg = config(f"data={name}", "data.digit=3", "task.images=20")
+    d = coloc.splits(cfg, torch.device("cpu"))
+    assert set(d) == {"train", "val", "test"}
+    centres = (torch.arange(84) + 0.5) / 42 - 1  # the pixels' centres, normalised
+    for split, (x, box) in d.items():
+        assert x.shape == (20, 1, 84, 84) and box.shape == (20, 4)
+        # the frame is the 28x28 digit, placed wholly inside the canvas
+        assert torch.allclose(box[:, 2:] - box[:, :2], torch.full((20, 2), 2 * 28 / 84), atol=1e-5)
+        assert (box >= -1 - 1e-6).all() and (box <= 1 + 1e-6).all()
+        # every pixel of the digit's ink lies inside: the same draw rendered without clutter
+        draw = data.fixed_draw(name, split, None, 0, recipe_of(cfg))
+        digit = Plan(draw.plans[0].kind, draw.plans[0].params, None)
+        clean = render(draw.recipe, digit, draw.digits[0], coloc.members(cfg, split))
+        if name == "coloc_t":
+            assert torch.equal(clean, x)
+        else:  # clutter added elsewhere
+            assert (x - clean).abs().sum() > 0 and (x >= clean - 1e-6).all()
+        for i in range(20):
+            ys, xs = (clean[i, 0] > 0.05).nonzero(as_tuple=True)
+            assert len(xs) > 20
+            assert centres[xs].min() >= box[i, 0] and centres[xs].max() <= box[i, 2]
+            assert centres[ys].min() >= box[i, 1] and centres[ys].max() <= box[i, 3]
+
+
+def test_iou_of_hand_made_boxes():
+    a = torch.tensor([[0.0, 0, 2, 2]] * 4)
+    b = torch.tensor([[0.0, 0, 2, 2], [1, 0, 3, 2], [0, 0, 1, 1], [5, 5, 6, 6]])
+    assert coloc.iou(a, b).tolist() == pytest.approx([1.0, 1 / 3, 0.25, 0.0])
+    assert coloc.iou(b, a).tolist() == pytest.approx([1.0, 1 / 3, 0.25, 0.0])
+
+
+def test_the_true_crop_scores_100_and_the_identity_what_the_arithmetic_says(mnist_root):
+    box = coloc.splits(config("data.digit=7", "task.images=30"), "cpu")["test"][1]
+    centre, half = (box[:, :2] + box[:, 2:]) / 2, (box[:, 2:] - box[:, :2]) / 2
+    true = torch.cat([half[:, :1], centre], dim=1)  # (s, tx, ty) of the digit's own frame
+    assert coloc.found(true, box).all()
+    identity = torch.tensor([[1.0, 0, 0]]).expand(30, 3)  # the whole canvas
+    assert coloc.iou(coloc.crop_boxes(identity), box).tolist() == pytest.approx([1 / 9] * 30)
+    assert not coloc.found(identity, box).any()  # 1/9 < 0.5: the identity scores 0%
+    # a crop of the digit's size half a digit off: IoU (14 x 28) / (2 x 28^2 - 14 x 28) = 1/3
+    off = true + torch.tensor([0.0, 14 / 42, 0])
+    assert coloc.iou(coloc.crop_boxes(off), box).tolist() == pytest.approx([1 / 3] * 30, abs=1e-5)
+
+
+def test_random_crops_lie_inside_the_canvas_and_have_the_digits_size():
+    crops = coloc.random_crops(1000, torch.Generator().manual_seed(0))
+    boxes = coloc.crop_boxes(crops)
+    assert (boxes >= -1 - 1e-6).all() and (boxes <= 1 + 1e-6).all()
+    assert torch.allclose(boxes[:, 2:] - boxes[:, :2], torch.full((1000, 2), 2 / 3))
+    assert boxes[:, 0].min() < -0.9 and boxes[:, 2].max() > 0.9  # all the way to the edges
+
+
+def test_a_class_outside_0_9_is_one_line():
+    with pytest.raises(StnbenchError, match=r"^data.digit must be an integer in \[0, 9\] or null"):
+        config("data.digit=10")
+
+
+def test_coloc_needs_a_class_and_a_placed_recipe(mnist_root):
+    with pytest.raises(StnbenchError, match=r"^data.digit: task=coloc trains on one class"):
+        coloc.splits(config("data.digit=null"), "cpu")
+    with pytest.raises(StnbenchError, match=r"^data=r: task=coloc needs a placed one-digit"):
+        coloc.splits(config("data=r"), "cpu")
+
+
+def finished_run(folder, model="cnn", status="ok"):
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"status": status, "model": model}))
+
+
+def test_an_encoder_checkpoint_missing_or_of_another_architecture_is_one_line(tmp_path):
+    enc_cfg = load_config("stnbench_train", ["data=plain", "row=cnn"])
+    finished_run(tmp_path / "gone")
+    with pytest.raises(StnbenchError, match=r"^task.encoder: .*gone/checkpoint.pt is missing"):
+        coloc.load_encoder(tmp_path / "gone", enc_cfg, "cpu")
+    finished_run(tmp_path / "st", model="st_fcn")
+    with pytest.raises(StnbenchError, match=r"^task.encoder: .*st holds a st_fcn run that ended"):
+        coloc.load_encoder(tmp_path / "st", enc_cfg, "cpu")
+    finished_run(tmp_path / "wide")  # a CNN's run, but of another width
+    other = load_config("stnbench_train", ["data=plain", "row=cnn", "model.budget=100000"])
+    net = coloc.models.from_config(OmegaConf.to_container(other.model), None, 28, 10, 1)
+    torch.save({"model": net.state_dict()}, tmp_path / "wide" / "checkpoint.pt")
+    with pytest.raises(StnbenchError, match=r"^task.encoder: .*is not a CNN on 28x28 MNIST as"):
+        coloc.load_encoder(tmp_path / "wide", enc_cfg, "cpu")
+
+
+def test_the_triplet_loss_is_the_papers_hinge_over_pairs():
+    """On features made by hand: pairs n != m, max(0, d(a_n, a_m) - d(a_n, q_n) + margin)."""
+
+    class Stub(torch.nn.Module):  # crops are the features; the transformer's output is fixed
+        def __init__(self, a):
+            super().__init__()
+            self.a = a
+
+        def forward(self, x):
+            return self.a, torch.zeros(len(x), 3)
+
+        def features(self, crops):
+            return crops.flatten(1)[:, :1]  # the first pixel: a_n, or the blank crop's 0
+
+    a = torch.tensor([[0.0], [1.0], [3.0]]).view(3, 1, 1, 1)
+    x = torch.zeros(3, 1, 84, 84)  # the random crops of a blank image: features 0
+    value, _ = coloc.triplet(Stub(a), x, coloc.random_crops(3, torch.Generator()), 1.0)
+    d = lambda u, v: (u - v) ** 2  # noqa: E731
+    flat = a.flatten().tolist()
+    want = [max(0, d(flat[n], flat[m]) - d(flat[n], 0) + 1) for n in range(3) for m in range(3)
+            if n != m]  # fmt: skip
+    assert value.item() == pytest.approx(sum(want) / len(want))
