@@ -60,7 +60,7 @@ class Task(Checked):
     # co-localisation's (conf/task/coloc.yaml; classification reads none of them): the images of
     # the class per split, the triplet loss's margin, and the frozen encoder: the run folder
     # that holds it, trained there first, with these stnbench-train overrides, if not finished
-    images: int = setting(100, POSITIVE, integer(1))
+    images: int = setting(100, "an integer >= 2 (the loss's pairs)", integer(2))
     margin: float = setting(1.0, number(0))
     encoder: str = "outputs/encoders/cnn_plain"
     encoder_args: list[str] = field(default_factory=list)
@@ -169,7 +169,10 @@ class TrainJob(Checked):
 
     def __post_init__(self):
         super().__post_init__()
-        name = tasks.get(self.task.name).METRIC.name
+        metric = tasks.get(self.task.name).METRIC
+        if metric.lower_is_better and self.train.collapse.error <= 0:
+            raise self.train.collapse.bad("error", f"above 0 for task={self.task.name}")
+        name = metric.name
         if self.optimized_metric not in (None, f"best_val_{name}", f"val_{name}"):
             raise StnbenchError(
                 f"optimized_metric must be null or one of best_val_{name}, val_{name} (the "

@@ -56,8 +56,7 @@ def read(runs: pd.DataFrame) -> pd.DataFrame:
     if "tabulated" in runs:  # rows of a runs.csv: their folders are not read (stnbench.report)
         done &= runs.tabulated.isna()
     for run in runs[done].itertuples():
-        task = getattr(run, "task", None)
-        task = task if isinstance(task, str) else "classify"  # runs before tasks: classification
+        task = tasks.name_of({"task": getattr(run, "task", None)})
         name = tasks.get(task).METRIC.name
         curve = events(run.path, tblog.VAL_ERROR if task == "classify" else (f"{name}/val",))
         if not curve.empty:

@@ -460,7 +460,8 @@ def write(runs: pd.DataFrame, out: str | Path) -> list[Path]:
     logged validations (stnbench.curves) and, where learning rates differ, the per-lr table and
     plot; return the paths written."""
     out, files, plots = Path(out), {}, {}
-    kinds = runs.task.fillna("classify") if "task" in runs else pd.Series("classify", runs.index)
+    kinds = pd.Series([tasks.name_of({"task": t}) for t in runs.get("task", [None] * len(runs))],
+                      runs.index)  # fmt: skip
     classified = runs[kinds == "classify"]
     for name in sorted(set(kinds) - {"classify"}):  # another task's table (task.table)
         stem = "table" if classified.empty and kinds.nunique() == 1 else f"table_{name}"

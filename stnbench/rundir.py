@@ -58,7 +58,7 @@ def settings(cfg: DictConfig) -> dict:
         "fresh": bool(cfg.data.fresh),  # the data regime: a new draw every epoch, or a fixed set
         "searched": bool(cfg.get("optimized_metric")),  # a trial of a search (hparams_search)
         "torch": torch.__version__,
-        **tasks.get(cfg.task.name).settings(cfg),  # classification's: none
+        **tasks.get(tasks.name_of(cfg)).settings(cfg),  # classification's: none
     }
 
 
@@ -71,7 +71,7 @@ def result_keys(metric: str) -> tuple[str, ...]:
 def metric_of(m: dict) -> str:
     """The name of the metric a metrics.json's run was scored by: its task's (classification's,
     which records no task)."""
-    return tasks.get(m.get("task") or "classify").METRIC.name
+    return tasks.get(tasks.name_of(m)).METRIC.name
 
 
 def digest(m: dict) -> str:
@@ -99,7 +99,7 @@ def record_failure(cfg: DictConfig, out: Path, error: BaseException) -> dict:
     """Write metrics.json with status "failed" for a run that raised (if the disk lets us);
     rerunning retries it."""
     reason = f"{type(error).__name__}: {' '.join(str(error).split())}"[:500]
-    name = tasks.get(cfg.task.name).METRIC.name
+    name = tasks.get(tasks.name_of(cfg)).METRIC.name
     metrics = {"status": "failed", "reason": reason, f"test_{name}": None, f"val_{name}": None,
                **settings(cfg)}  # fmt: skip
     try:
@@ -262,6 +262,6 @@ def trained_model(folder: Path, dev: str = "cpu"):
     and test saw, and the step of its checkpoint."""
     cfg = OmegaConf.load(Path(folder) / ".hydra" / "config.yaml")
     ckpt = load_checkpoint(Path(folder) / "checkpoint.pt", torch.device(dev))
-    model = tasks.get(cfg.task.name).build_model(cfg, torch.device(dev))
+    model = tasks.get(tasks.name_of(cfg)).build_model(cfg, torch.device(dev), pretrained=False)
     model.load_state_dict(evaluated_weights(ckpt))
     return cfg, model.eval(), ckpt["state"]["step"]

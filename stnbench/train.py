@@ -47,7 +47,7 @@ class State:
     best_val: float | None = None  # the best validation metric (the task's)
     best_step: int = 0
     best_model: dict | None = None  # the best-validation model's state_dict
-    streak: int = 0  # validations in a row at or above train.collapse.error
+    streak: int = 0  # validations in a row near chance (train.collapse.error or worse)
     collapsed_at: int | None = None
     seconds: float = 0.0  # wall time of the loop, validation included
     eval_seconds: float = 0.0

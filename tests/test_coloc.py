@@ -1,5 +1,6 @@
 """Co-localisation (stnbench.tasks.coloc): the digits' boxes, IoU, the score of known crops, the
-encoder's checks, bad input, and a short run that finds the digit."""
+loss, the encoder's features and checks, bad input. (A short run that finds the digit is still
+to come: it does not learn yet, docs/coloc.md; tests/test_tasks.py trains it a few steps.)"""
 
 import json
 
@@ -129,3 +130,57 @@ def test_the_triplet_loss_is_the_papers_hinge_over_pairs():
     want = [max(0, d(flat[n], flat[m]) - d(flat[n], 0) + 1) for n in range(3) for m in range(3)
             if n != m]  # fmt: skip
     assert value.item() == pytest.approx(sum(want) / len(want))
+
+
+def test_the_encoders_features_are_its_two_pools_and_logits_at_unit_length():
+    torch.manual_seed(0)
+    encoder = coloc.models.build("cnn", None, 28)
+    model = coloc.CoLocaliser(coloc.SpatialTransformer("coloc", "attention", 84, out_size=28),
+                              encoder)  # fmt: skip
+    crops = torch.rand(5, 1, 28, 28)
+    e = model.features(crops)
+    assert torch.allclose(e.norm(dim=1), torch.ones(5))
+    h = [crops]
+    for layer in encoder:
+        h.append(layer(h[-1]))
+    raw = torch.cat([h[i + 1].flatten(1) for i in coloc.FEATURES], dim=1)
+    assert torch.allclose(e, raw / raw.norm(dim=1, keepdim=True), atol=1e-6)
+    assert not any(p.requires_grad for p in model.encoder.parameters())  # frozen
+    assert model.train().encoder.training is False
+
+
+def test_the_per_class_table_pools_seeds_and_counts_the_runs_that_did_not_end_ok():
+    import pandas as pd
+
+    runs = pd.DataFrame({
+        "data": ["coloc_t"] * 4 + ["coloc_tc"],
+        "digit": [3.0, 3.0, 4.0, 4.0, 3.0],
+        "status": ["ok", "ok", "ok", "collapsed", "unfinished"],
+        "test_iou50": [90.0, 100.0, 80.0, 0.0, None],
+    })  # fmt: skip
+    frame, text = coloc.table(runs)
+    t = frame.set_index("data")
+    assert (t.loc["coloc_t", "3"], t.loc["coloc_t", "3 n"], t.loc["coloc_t", "4 n"]) == (95.0, 2, 1)
+    assert t.loc["coloc_tc", "3 n"] == 0 and t.loc["coloc_t", "paper"] == "100"
+    lines = text.splitlines()
+    assert "| T " in lines[2] and "95.0 ± 7.1 (2)" in lines[2]
+    assert "80.0 (1) [1 collapsed]" in lines[2]
+    assert "missing [1 unfinished]" in lines[3] and "75-93" in lines[3]
+    assert coloc.table(runs.drop(columns="test_iou50").assign(status="unfinished"))[0].shape[0] == 2
+
+
+def test_a_higher_is_better_metric_improves_upwards():
+    m = coloc.METRIC
+    assert m.better(10.0, None) and m.better(10.0, 5.0) and not m.better(5.0, 10.0)
+    assert not m.better(0.0, 0.0)  # at the collapse threshold is near chance, not better
+    from stnbench.tasks import classify
+
+    assert classify.METRIC.better(1.0, 2.0) and not classify.METRIC.better(2.0, 1.0)
+
+
+def test_a_set_of_one_image_and_classifications_collapse_at_0_are_one_line():
+    with pytest.raises(StnbenchError, match=r"^task.images must be an integer >= 2"):
+        config("task.images=1")
+    with pytest.raises(StnbenchError, match=r"^train.collapse.error must be above 0 for task=cl"):
+        load_config("stnbench_train", ["train.collapse.error=0"])
+    assert config().train.collapse.error == 0  # coloc's: iou50 at or below 0%

@@ -22,7 +22,7 @@ ARGS = {
 }  # fmt: skip
 
 
-# co-localisation does not learn yet: its transformer finds blank crops (docs/extending.md)
+# co-localisation does not learn yet: from the identity its crops reach blank space (docs/coloc.md)
 LEARNS = {"classify": True, "coloc": False}
 
 
@@ -37,7 +37,9 @@ def test_every_task_trains_a_few_steps_and_reports_its_metric(name, mnist_root, 
     args = [f"task={name}", *ARGS[name], f"task.encoder={tmp_path / 'encoder'}"]
     m = train(load_config("stnbench_train", args), tmp_path / "run")
     metric = task.METRIC
-    assert m["steps"] == load_config("stnbench_train", args).train.steps or not LEARNS[name]
+    # a task that does not learn yet may end collapsed (near chance), never diverged or failed
+    assert m["status"] in ("ok",) if LEARNS[name] else m["status"] in ("ok", "collapsed")
+    assert m["steps"] > 0 and m["params"] > 0
     for split in ("test", "val", "best_test"):
         value = m[f"{split}_{metric.name}"]
         assert 0 <= value <= 100

@@ -1,21 +1,17 @@
 """Tasks: what a run learns and how it is scored, as plain functions the training loop calls.
 
-A task is a module here with:
-
-- ``METRIC``: its headline metric (a ``Metric``): the name metrics.json's results carry, whether
-  lower is better, and what a guess scores (chance), which a search's failed trials score (the
-  collapse rule still reads train.collapse.error);
-- ``loss(model, x, y, label_smoothing)``: the training loss on a batch (left on the device) and
-  the count the training log turns into the metric;
-- ``evaluate(fn, x, y, batch)``: the mean loss and the metric on a split, in batches.
-
-``classify`` (the paper's Table 1 and Appendix A.1) is the only task yet; the loop, the report
-and the search still name its metric, ``error``, where they have not been moved to ``METRIC``.
+A task is a module here with ``METRIC`` (a ``Metric``: the name metrics.json's results carry,
+whether lower is better, what a guess scores), ``splits``, ``batches``, ``build_model``, ``loss``,
+``evaluate``, ``settings`` and optionally ``table`` (docs/extending.md, "A task", says what each
+takes and returns). ``classify`` (Table 1, Appendix A.1) is the default; ``coloc`` is the
+paper's co-localisation (Appendix A.2).
 """
 
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
+
+from omegaconf import DictConfig, OmegaConf
 
 from stnbench.errors import StnbenchError
 
@@ -34,6 +30,15 @@ class Metric:
     def better(self, value: float, than: float | None) -> bool:
         """Whether ``value`` is better than ``than`` (None: nothing yet)."""
         return than is None or (value < than if self.lower_is_better else value > than)
+
+
+def name_of(cfg) -> str:
+    """A config's or a metrics.json's task: classification for those from before tasks existed
+    (no ``task``, or a NaN in a runs.csv's column)."""
+    task = OmegaConf.select(cfg, "task.name") if isinstance(cfg, DictConfig) else cfg.get("task")
+    if isinstance(task, dict):  # a plain config dict
+        task = task.get("name")
+    return task if isinstance(task, str) else "classify"
 
 
 def get(name: str) -> ModuleType:

@@ -61,9 +61,9 @@ def batches(cfg: DictConfig, d: Splits, start: int):
         step = (epoch + 1) * per_epoch
 
 
-def build_model(cfg: DictConfig, dev: torch.device) -> nn.Module:
+def build_model(cfg: DictConfig, dev: torch.device, pretrained: bool = True) -> nn.Module:
     """The run's classifier for its data's shape, initialised from its seed, as the loop runs
-    it (models.prepare)."""
+    it (models.prepare); ``pretrained`` (no part of it is) is coloc's."""
     torch.manual_seed(cfg.seed)
     c = OmegaConf.to_container
     channels, canvas, classes = data.shape(recipe_of(cfg))
