@@ -176,7 +176,7 @@ def boxes_figure(dirs: list[str], seed: int, png: Path, shown: int = 4) -> pd.Da
     axes = fig.subplots(len(runs), 1, squeeze=False)
     for ax, r in zip(axes[:, 0], runs.itertuples(), strict=True):
         cfg, model, _ = trained_model(Path(r.path))
-        x, box = coloc.splits(cfg, torch.device("cpu"))["test"]
+        x, box = coloc.split(cfg, "test", torch.device("cpu"))
         x, box = x[:shown], box[:shown]
         with torch.no_grad():
             crops, params = model(x)

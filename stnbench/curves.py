@@ -56,9 +56,8 @@ def read(runs: pd.DataFrame) -> pd.DataFrame:
     if "tabulated" in runs:  # rows of a runs.csv: their folders are not read (stnbench.report)
         done &= runs.tabulated.isna()
     for run in runs[done].itertuples():
-        task = tasks.name_of({"task": getattr(run, "task", None)})
-        name = tasks.get(task).METRIC.name
-        curve = events(run.path, tblog.VAL_ERROR if task == "classify" else (f"{name}/val",))
+        name = tasks.get(tasks.name_of({"task": getattr(run, "task", None)})).METRIC.name
+        curve = events(run.path, tblog.val_tags(name))
         if not curve.empty:
             protocol = Path(run.source).name if isinstance(run.source, str) else ""
             curve = curve.assign(protocol=protocol, data=run.data, row=run.row, lr=run.lr,

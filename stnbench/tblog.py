@@ -21,6 +21,11 @@ PANELS = (PANEL, legacy.PANEL)  # its tag, newest first
 VAL_ERROR = ("error/val", legacy.VAL_ERROR)  # the validation error's tag, newest first
 
 
+def val_tags(metric: str) -> tuple[str, ...]:
+    """The tags a task's validation metric was logged under, newest first."""
+    return VAL_ERROR if metric == "error" else (f"{metric}/val",)
+
+
 def rgb(images: Tensor) -> Tensor:
     """Images (B, C, H, W) as RGB: one channel as grey, two as green and blue (addition's two
     digits; red is kept for the outline), three as they are (RGB already: a drawn outline)."""

@@ -91,15 +91,17 @@ def found(params: Tensor, box: Tensor) -> Tensor:
 
 
 def splits(cfg: DictConfig, dev: torch.device) -> dict[str, tuple[Tensor, Tensor]]:
-    """Each split's ``task.images`` images of class data.digit (N, 1, 84, 84) and their digits'
+    """Each split's ``task.images`` images of class data.digit and their boxes (``split``)."""
+    return {name: split(cfg, name, dev) for name in data.SPLITS}
+
+
+def split(cfg: DictConfig, name: str, dev) -> tuple[Tensor, Tensor]:
+    """One split's ``task.images`` images of class data.digit (N, 1, 84, 84) and their digits'
     boxes (N, 4), on the device."""
     _checked(cfg)
-    c, out = cfg.data, {}
-    for split in data.SPLITS:
-        draw = data.fixed_draw(c.name, split, c.root, c.seed, recipe_of(cfg))
-        idx = members(cfg, split)
-        out[split] = draw.images(idx, dev), boxes(draw.plans[0].params[idx]).to(dev)
-    return out
+    c, idx = cfg.data, members(cfg, name)
+    draw = data.fixed_draw(c.name, name, c.root, c.seed, recipe_of(cfg))
+    return draw.images(idx, dev), boxes(draw.plans[0].params[idx]).to(dev)
 
 
 def members(cfg: DictConfig, split: str) -> Tensor:
