@@ -64,6 +64,20 @@ class Task(Checked):
     margin: float = setting(1.0, number(0))
     encoder: str = "outputs/encoders/cnn_plain"
     encoder_args: list[str] = field(default_factory=list)
+    # the crop's scale (its side over the canvas's; the digit's is 1/3): it starts at ``start``
+    # and stays in [scale_min, ceiling], the ceiling falling from 1 (the whole canvas) to
+    # scale_max over the first ``zoom`` of training
+    scale_min: float = setting(0.28, number(0, 1, lo_open=True))
+    scale_max: float = setting(0.42, number(0, 1, lo_open=True))
+    start: float = setting(0.9, number(0, 1, lo_open=True, hi_open=True))
+    zoom: float = setting(0.3, number(0, 1, lo_open=True))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.scale_max < self.scale_min:
+            raise self.bad("scale_max", f">= task.scale_min ({self.scale_min})")
+        if self.start <= self.scale_min:
+            raise self.bad("start", f"> task.scale_min ({self.scale_min})")
 
 
 @dataclass

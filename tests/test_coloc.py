@@ -1,6 +1,6 @@
 """Co-localisation (stnbench.tasks.coloc): the digits' boxes, IoU, the score of known crops, the
-loss, the encoder's features and checks, bad input. (A short run that finds the digit is still
-to come: it does not learn yet, docs/coloc.md; tests/test_tasks.py trains it a few steps.)"""
+bounded crops and their zoom, the loss, the encoder's features and checks, bad input. (A short
+run that finds the digits: tests/test_tasks.py.)"""
 
 import json
 
@@ -73,6 +73,49 @@ def test_random_crops_lie_inside_the_canvas_and_have_the_digits_size():
     assert (boxes >= -1 - 1e-6).all() and (boxes <= 1 + 1e-6).all()
     assert torch.allclose(boxes[:, 2:] - boxes[:, :2], torch.full((1000, 2), 2 / 3))
     assert boxes[:, 0].min() < -0.9 and boxes[:, 2].max() > 0.9  # all the way to the edges
+
+
+def test_the_crops_start_large_on_the_centre_and_stay_on_the_canvas_within_their_scales():
+    t = coloc.Crops(84, scale_min=0.28, start=0.9)
+    x = torch.rand(50, 1, 84, 84)
+    assert torch.allclose(t.params(x), torch.tensor([[0.9, 0.0, 0.0]]).expand(50, 3), atol=1e-6)
+    z = torch.linspace(-30, 30, 13)  # the regression layer's outputs, far from the start both ways
+    with torch.no_grad():
+        for top in (1.0, 0.6, 0.42):
+            t.ceiling.fill_(top)
+            p = []
+            for b in torch.cartesian_prod(z, z, z):  # the weights are 0: params from the bias
+                t.regress.bias.copy_(b)
+                p.append(t.params(x[:1]))
+            p = torch.cat(p)
+            assert (p[:, 0] >= 0.28).all() and (p[:, 0] <= top + 1e-6).all()
+            assert p[:, 0].min() < 0.29 and p[:, 0].max() > top - 0.01  # reaching both bounds
+            boxes = coloc.crop_boxes(p)
+            assert (boxes >= -1 - 1e-6).all() and (boxes <= 1 + 1e-6).all()
+            assert boxes[:, 0].min() < -0.99 and boxes[:, 2].max() > 0.99  # to the edges
+    assert "ceiling" in t.state_dict()  # a checkpoint holds it: a resume goes on at its zoom
+
+
+def test_the_ceiling_falls_from_the_canvas_to_scale_max_over_zoom_then_holds():
+    cfg = config("train.steps=1000", "task.zoom=0.3", "task.scale_max=0.4")
+    at = [coloc.ceiling(cfg, s) for s in (0, 150, 300, 301, 999)]
+    assert at == pytest.approx([1.0, 0.7, 0.4, 0.4, 0.4])
+    stream = coloc.batches(cfg, {"train": (torch.zeros(5, 1, 84, 84), None)}, 150)
+    assert next(stream)[1][1] == pytest.approx(0.7)  # each step's batch carries its ceiling
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["task.scale_max=0.2"], r"^task.scale_max must be >= task.scale_min \(0.28\); got 0.2$"),
+        (["task.start=0.25"], r"^task.start must be > task.scale_min \(0.28\); got 0.25$"),
+        (["task.start=1"], r"^task.start must be a number in \(0, 1\); got 1.0$"),
+        (["task.zoom=0"], r"^task.zoom must be a number in \(0, 1\]; got 0"),
+    ],
+)
+def test_crop_scales_that_cannot_hold_are_one_line(args, line):
+    with pytest.raises(StnbenchError, match=line):
+        config(*args)
 
 
 def test_a_class_outside_0_9_is_one_line():

@@ -22,7 +22,8 @@ ARGS = {
 }  # fmt: skip
 
 
-# co-localisation does not learn yet: from the identity its crops reach blank space (docs/coloc.md)
+# co-localisation learns at its own budget on some classes only, and not at these few steps
+# (an encoder of 150-500 steps, 40 images, 300 steps: blank or 0%; docs/coloc.md)
 LEARNS = {"classify": True, "coloc": False}
 
 

@@ -10,7 +10,7 @@ by stnbench itself: its two hidden layers and its logits): over the pairs n != m
 
 T(I) the transformer's crop and rand(I) a 28x28 crop at a random place, drawn per step; e's
 features are scaled to unit length (``CoLocaliser.features``: as they are, blank crops score
-best).
+best). The crops start large and zoom in to about the digit's size (``Crops``, ``ceiling``).
 
 The
 digit's box comes with the data for evaluation only: the metric is the share (%) of images whose
@@ -124,19 +124,51 @@ def random_crops(n: int, gen: torch.Generator) -> Tensor:
     return torch.cat([torch.full((n, 1), s), t], dim=1)
 
 
+def ceiling(cfg: DictConfig, step: int) -> float:
+    """The crop's greatest scale at step (0-based): 1 (the whole canvas) at the start, falling
+    linearly to task.scale_max over the first task.zoom of training, then held."""
+    done = min(1.0, step / (cfg.task.zoom * cfg.train.steps))
+    return 1.0 - (1.0 - cfg.task.scale_max) * done
+
+
 def batches(cfg: DictConfig, d: dict, start: int):
-    """Step s's batch: (images (B, 1, 84, 84), random crops (B, 3)), a pure function of (seed,
-    s): train.batch_size of the class's training images (all of them where it is larger), and
-    a random crop of each."""
+    """Step s's batch: (images (B, 1, 84, 84), (random crops (B, 3), the crop's ceiling at s)),
+    a pure function of (seed, s): train.batch_size of the class's training images (all of them
+    where it is larger), and a random crop of each."""
     x = d["train"][0]
     b = min(cfg.train.batch_size, len(x))
     for step in itertools.count(start):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randperm(len(x), generator=gen)[:b]
-        yield x[idx.to(x.device)], random_crops(b, gen).to(x.device)
+        yield x[idx.to(x.device)], (random_crops(b, gen).to(x.device), ceiling(cfg, step))
 
 
 # --- the model ----------------------------------------------------------------------------------
+
+
+class Crops(SpatialTransformer):
+    """The attention transformer (s, tx, ty), its crop kept on the canvas and its scale in
+    [scale_min, ceiling]: s = scale_min + (ceiling - scale_min) sigmoid(z_s) and t = (1 - s)
+    tanh(z_t), z the regression layer's output. It starts at scale ``start`` on the canvas's
+    centre. ``ceiling``, set by the loss at every step (``coloc.ceiling``), is a buffer, so that
+    a checkpoint holds it and evaluation reads the last step's.
+
+    Why bounded (docs/coloc.md): unbounded, the crops zoom out past the canvas or in to specks,
+    which make every image alike; started at the digit's size, they find blank space. Started
+    large and made to zoom in, they follow the digits."""
+
+    def __init__(self, canvas: int, scale_min: float, start: float):
+        super().__init__("coloc", "attention", canvas, out_size=CROP)
+        self.scale_min = scale_min
+        self.register_buffer("ceiling", torch.tensor(1.0))
+        with torch.no_grad():
+            self.regress.bias.copy_(torch.tensor([(start - scale_min) / (1 - scale_min), 0.5, 0.5]))
+            self.regress.bias.logit_()  # sigmoid(z_s) at the start's share; tanh(z_t) = 0
+
+    def params(self, x: Tensor) -> Tensor:
+        z = self.regress(self.loc(x))
+        s = self.scale_min + (self.ceiling - self.scale_min) * torch.sigmoid(z[:, :1])
+        return torch.cat([s, (1 - s) * torch.tanh(z[:, 1:])], dim=1)
 
 
 class CoLocaliser(nn.Module):
@@ -227,7 +259,7 @@ def build_model(cfg: DictConfig, dev: torch.device, pretrained: bool = True) -> 
         enc_cfg = load_config_of(cfg)
         enc = models.from_config(OmegaConf.to_container(enc_cfg.model), None, CROP, 10, 1)
     torch.manual_seed(cfg.seed)
-    t = SpatialTransformer("coloc", "attention", recipe_of(cfg).canvas, out_size=CROP)
+    t = Crops(recipe_of(cfg).canvas, cfg.task.scale_min, cfg.task.start)
     return CoLocaliser(t, enc).to(dev)
 
 
@@ -246,8 +278,11 @@ def triplet(model: CoLocaliser, x: Tensor, crops: Tensor, margin: float) -> tupl
     return hinge[pairs].mean(), params
 
 
-def loss(model, x: Tensor, crops: Tensor, cfg: DictConfig | None = None) -> tuple[Tensor, None]:
-    """The training loss on a batch; no training metric (the boxes are for evaluation only)."""
+def loss(model, x: Tensor, y: tuple[Tensor, float], cfg: DictConfig | None = None):
+    """The training loss on a batch (its random crops and the step's ceiling: ``batches``); no
+    training metric (the boxes are for evaluation only)."""
+    crops, top = y
+    model.transformer.ceiling.fill_(top)
     margin = cfg.task.margin if cfg is not None else 1.0
     return triplet(model, x, crops, margin)[0], None
 
