@@ -161,9 +161,9 @@ class Crops(SpatialTransformer):
         super().__init__("coloc", "attention", canvas, out_size=CROP)
         self.scale_min = scale_min
         self.register_buffer("ceiling", torch.tensor(1.0))
-        with torch.no_grad():
-            self.regress.bias.copy_(torch.tensor([(start - scale_min) / (1 - scale_min), 0.5, 0.5]))
-            self.regress.bias.logit_()  # sigmoid(z_s) at the start's share; tanh(z_t) = 0
+        share = torch.tensor((start - scale_min) / (1 - scale_min))  # of the way to the canvas
+        with torch.no_grad():  # sigmoid(z_s) = share; tanh(z_t) = 0: the centre
+            self.regress.bias.copy_(torch.cat([share.logit()[None], torch.zeros(2)]))
 
     def params(self, x: Tensor) -> Tensor:
         z = self.regress(self.loc(x))
