@@ -14,12 +14,11 @@ A quiet machine gives the figures; two jobs beside it halve both.
 """
 
 import argparse
-import platform
 import time
 
 import pandas as pd
 import torch
-from bench_train import flops_per_image, matmul_peak  # scripts/, beside this file
+from bench_train import flops_per_image, machine  # scripts/, beside this file
 
 from stnbench import allocator
 from stnbench.cli import load_config
@@ -49,9 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     allocator.keep_freed_memory()
     dev = torch.device("cpu")
-    peak = matmul_peak(dev)
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, matmul peak {peak:.0f} GFLOP/s")  # fmt: skip
+    peak = machine(dev)
     rows = []
     for data, row in CONFIGS:
         base = ["experiment=paper_fcn", f"data={data}", f"row={row}", "seed=0"]

@@ -67,6 +67,15 @@ def matmul_peak(dev, n=2048, repeats=10) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def machine(dev) -> float:
+    """Measure the fp32 matmul peak (GFLOP/s), print it with the machine, and return it."""
+    peak = matmul_peak(dev)
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, device {dev}; fp32 matmul peak {peak:.0f} GFLOP/s",
+          flush=True)  # fmt: skip
+    return peak
+
+
 def timed_steps(step, seconds, dev) -> float:
     """Steps per second of ``step`` over about ``seconds``, after two warm-up steps."""
     step()
@@ -181,13 +190,7 @@ def main() -> None:
     dev = device.resolve(args.device)
     allocator.keep_freed_memory()
     t0 = time.perf_counter()
-    peak_start = matmul_peak(dev)
-    print(
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, device {dev}; fp32 matmul peak {peak_start:.0f} "
-        f"GFLOP/s",
-        flush=True,
-    )
+    peak_start = machine(dev)
     rows = []
     for canvas in CANVASES:
         for model_name, kind in ROWS:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from stnbench import geometry
 from stnbench.errors import StnbenchError
 from stnbench.geometry import KINDS
-from stnbench.transformer import SpatialTransformer
+from stnbench.transformer import HalfPool, SpatialTransformer
 
 BUDGET = 400_000
 MAX_WIDTH = 4096
@@ -149,7 +149,7 @@ class STModel(nn.Module):
         first, *others = transformers
         self.transformer = first  # its own name: a one-transformer model's checkpoints load
         self.others = nn.ModuleList(others)
-        self.pool = nn.AvgPool2d(2) if pool else nn.Identity()
+        self.pool = HalfPool() if pool else nn.Identity()
         self.classifier = classifier
 
     @property

@@ -20,6 +20,7 @@ from stnbench.models import (
     from_config,
     is_st,
 )
+from stnbench.transformer import HalfPool
 
 CANVASES = (28, 42, 60)
 COMBOS = [(m, k) for m in MODELS for k in (geometry.KINDS if is_st(m) else [None])]
@@ -153,7 +154,19 @@ def test_cnn_pads_only_where_the_paper_stack_cannot_fit():
     assert cnn_padding(28) == (0, 0) and cnn_padding(30) == (0, 0) and cnn_padding(42) == (0, 0)
     assert cnn_padding(21) == (4, 3)  # RTS after the transformer's 2x pooling
     net = build("st_cnn", "affine", 42)  # pools 42 -> 21 by default
-    assert isinstance(net.pool, torch.nn.AvgPool2d) and net(batch(42)[0]).shape == (4, 10)
+    assert isinstance(net.pool, HalfPool) and net(batch(42)[0]).shape == (4, 10)
+
+
+@pytest.mark.parametrize("shape", [(256, 2, 42, 42), (3, 20, 28, 28), (2, 1, 60, 60), (2, 1, 7, 9)])
+def test_half_pool_is_avg_pool2d_bit_for_bit(shape):
+    """The pooling after the transformers (and in ST-CNN's localisation net): torch's own
+    avg_pool2d's values and input gradients, exactly; odd sizes go to avg_pool2d itself."""
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, theirs = HalfPool()(a), torch.nn.functional.avg_pool2d(b, 2)
+    g = torch.randn(theirs.shape, generator=torch.Generator().manual_seed(1))
+    ours.backward(g), theirs.backward(g)
+    assert torch.equal(ours, theirs) and torch.equal(a.grad, b.grad)
 
 
 def test_transformer_options():
