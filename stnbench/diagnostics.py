@@ -10,10 +10,13 @@ from stnbench import geometry, tblog
 from stnbench.transformer import BLANK_INK, DEAD_SPREAD, ink, liveness
 
 
-def diagnose(t, x: Tensor, batch: int, writer, step: int, tag: str = "") -> tuple[float, ...]:
+def diagnose(
+    t, x: Tensor, batch: int, writer, step: int, tag: str = "", panel: bool = True
+) -> tuple[float, ...]:
     """One transformer's diagnostics on x to TensorBoard, under ``tag`` (``t2/``: the second of
-    several side by side). Returns the mean distance from the identity, the largest spread, the
-    share of dead units and the ink."""
+    several side by side; ``multi/``: the one on the feature maps, which draws no ``panel``).
+    Returns the mean distance from the identity, the largest spread, the share of dead units
+    and the ink."""
     params, fired = liveness(t, x, batch)  # (N, P), (U,)
     distance = (params - t.identity).norm(dim=1).mean().item()
     spread = params.std(0)  # (P,): how much each parameter follows the input
@@ -23,23 +26,27 @@ def diagnose(t, x: Tensor, batch: int, writer, step: int, tag: str = "") -> tupl
     writer.add_scalar(f"transform/{tag}identity_distance", distance, step)
     share = ink(t, x[:batch])
     writer.add_scalar(f"transform/{tag}ink", share, step)
-    with torch.no_grad():
-        shown, p = t(x[:8])
-    panel = tblog.transform_panel(x[:8], shown, t.kind, p)
-    writer.add_image(f"transform/{tag}{tblog.PANEL}", panel, step)
+    if panel:
+        with torch.no_grad():
+            shown, p = t(x[:8])
+        image = tblog.transform_panel(x[:8], shown, t.kind, p)
+        writer.add_image(f"transform/{tag}{tblog.PANEL}", image, step)
     return distance, spread.max().item(), 1 - fired.float().mean().item(), share
 
 
 def transformers(
     model, x: Tensor, batch: int, writer, step: int
 ) -> tuple[float, float, float, str]:
-    """Every input transformer's diagnostics (``t1/``, ``t2/`` ... where there are several);
-    the run's spread, dead units and ink, each its least alive transformer's, and their log
-    line."""
+    """Every transformer's diagnostics: the input's (``t1/``, ``t2/`` ... where there are
+    several) on x, the feature maps' (``multi/``, model.multi) on the first ``batch`` inputs'
+    feature maps; the run's spread, dead units and ink, each its least alive transformer's, and
+    their log line."""
     several = len(model.transformers) > 1  # one transformer: its tags as they always were
     distance, spread, dead_units, shares = zip(*(
-        diagnose(t, x, batch, writer, step, f"t{i + 1}/" * several)
-        for i, t in enumerate(model.transformers)
+        [diagnose(t, x, batch, writer, step, f"t{i + 1}/" * several)
+         for i, t in enumerate(model.transformers)]
+        + [diagnose(t, f, batch, writer, step, "multi/", panel=False)
+           for t, f in feature_inputs(model, x[:batch])]
     ), strict=True)  # fmt: skip
     spread, dead_units, share = min(spread), max(dead_units), min(shares)
     writer.add_scalar("transform/spread", spread, step)
@@ -47,6 +54,12 @@ def transformers(
     line = f"distance from identity {', '.join(f'{v:.3f}' for v in distance)}, spread "
     line += f"{spread:.2g}, dead units {dead_units:.0%}, ink {share:.2f}"
     return spread, dead_units, share, line
+
+
+def feature_inputs(model, x: Tensor) -> list[tuple]:
+    """A model's transformers on its feature maps (model.multi), each with the feature maps
+    that reach it for inputs x (stnbench.models.STModel.feature_inputs); none for another."""
+    return model.feature_inputs(x) if hasattr(model, "feature_inputs") else []
 
 
 def dead(spread: float | None, share: float | None) -> bool | None:

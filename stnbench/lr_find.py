@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from stnbench import device, geometry, tasks
+from stnbench import device, diagnostics, geometry, tasks
 from stnbench.optim import make_optimizer, set_lr
 from stnbench.train import train_step
 
@@ -46,7 +46,7 @@ def range_test(cfg: DictConfig, out: Path) -> dict:
         smoothed = ema / (1 - f.smoothing ** (step + 1))
         row = {"step": step, "lr": lr, "loss": loss, "smoothed_loss": smoothed}
         if st:
-            row["grid_distance"] = max(grid_distance(t, x) for t in model.transformers)
+            row["grid_distance"] = farthest(model, x)
         rows.append(row)
         if not math.isfinite(smoothed) or smoothed > f.diverge * lowest:
             log.info("stopped at lr %.3g (step %d): the smoothed loss diverged", lr, step)
@@ -57,6 +57,13 @@ def range_test(cfg: DictConfig, out: Path) -> dict:
     frame.to_csv(out / "lr_find.csv", index=False)
     plot(frame, summary, out / "lr_find.png")
     return summary
+
+
+def farthest(model, x: torch.Tensor) -> float:
+    """The largest grid_distance of the model's transformers on a batch x, those on the
+    feature maps (model.multi) measured on the feature maps that reach them."""
+    pairs = [(t, x) for t in model.transformers] + diagnostics.feature_inputs(model, x)
+    return max(grid_distance(t, inputs) for t, inputs in pairs)
 
 
 @torch.no_grad()

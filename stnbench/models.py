@@ -156,6 +156,24 @@ class STModel(nn.Module):
     def transformers(self) -> list[SpatialTransformer]:
         return [self.transformer, *self.others]
 
+    @property
+    def feature_warps(self) -> list[SpatialTransformer]:
+        """The transformers inside the classifier: model.multi's, on the CNN's feature maps."""
+        return [m.transformer for m in self.classifier.modules() if isinstance(m, FeatureWarp)]
+
+    @torch.no_grad()
+    def feature_inputs(self, x: Tensor) -> list[tuple[SpatialTransformer, Tensor]]:
+        """Each feature-map transformer with the feature maps that reach it for inputs x."""
+        warps, seen = self.feature_warps, {}
+        hooks = [t.register_forward_pre_hook(lambda t, a: seen.setdefault(t, a[0])) for t in warps]
+        try:
+            if warps:
+                self(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return [(t, seen[t]) for t in warps]
+
     def transform(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The transformers' outputs (B, N C, out, out), before pooling, and params (B, N P)."""
         outs, params = zip(*(t(x) for t in self.transformers), strict=True)
@@ -167,11 +185,17 @@ class STModel(nn.Module):
         return self.classifier(torch.cat(outs, dim=1))  # (B, num_classes)
 
     def untransformed(self, x: Tensor) -> Tensor:
-        """Logits with the transformers bypassed by the identity (the seed notes' "CNN only")."""
+        """Logits with every transformer bypassed by the identity, those on the feature maps
+        (model.multi) too (the seed notes' "CNN only")."""
         t = self.transformer
         if t.out_size != x.shape[-1]:  # the identity to another size: a plain resampling
             x = geometry.warp(x, t.kind, t.identity.expand(len(x), -1), (t.out_size,) * 2, t.mode)
-        return self.classifier(self.pool(x.repeat(1, len(self.transformers), 1, 1)))
+        x = self.pool(x.repeat(1, len(self.transformers), 1, 1))
+        if not self.feature_warps:
+            return self.classifier(x)
+        for layer in self.classifier:  # a CNN's layers in order, its feature warps skipped
+            x = x if isinstance(layer, FeatureWarp) else layer(x)
+        return x
 
 
 def count(module: nn.Module) -> int:

@@ -122,6 +122,29 @@ def test_st_cnn_multi_warps_feature_maps_from_the_identity_and_all_learn(size):
         build("st_fcn", "affine", size, multi=True)
 
 
+def test_the_feature_map_transformer_is_diagnosed_bypassed_and_measured(tmp_path):
+    """model.multi's transformer counts as the input's does: flown off its feature maps by hand
+    (a shift of 5 half-widths), it leaves the run's ink blank and its transformer dead, the
+    range test's distance is its, and the untransformed logits skip it."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from stnbench import diagnostics, lr_find
+
+    torch.manual_seed(0)
+    net, x = build("st_cnn", "affine", 28, multi=True).eval(), batch(28)[0]
+    (warp,) = net.feature_warps
+    plain = net.untransformed(x)
+    with torch.no_grad():
+        warp.regress.bias.copy_(torch.tensor([1.0, 0.0, 5.0, 0.0, 1.0, 0.0]))
+    assert torch.equal(net.untransformed(x), plain) and not torch.allclose(net(x), plain)
+    ((t, maps),) = net.feature_inputs(x)
+    assert t is warp and maps.shape[0] == 4 and maps.shape[-1] == warp.out_size
+    with SummaryWriter(tmp_path) as writer:
+        spread, _, share, line = diagnostics.transformers(net, x, 4, writer, 0)
+    assert share < 0.1 and diagnostics.dead(spread, share) and "ink 0.00" in line
+    assert lr_find.grid_distance(net.transformer, x) == 0.0 and lr_find.farthest(net, x) > 4
+
+
 @pytest.mark.parametrize(("channels", "padding"), [(1, 0), (2, 0), (1, 4)])
 def test_first_conv_matches_torchs_convolution_and_its_gradients(channels, padding):
     """The classifier's first convolution computes its input gradient its own way (matmul +
