@@ -183,7 +183,9 @@ class TrainJob(Checked):
 
     def __post_init__(self):
         super().__post_init__()
-        metric = tasks.get(self.task.name).METRIC
+        task = tasks.get(self.task.name)
+        task.check(self)
+        metric = task.METRIC
         if metric.lower_is_better and self.train.collapse.error <= 0:
             raise self.train.collapse.bad("error", f"above 0 for task={self.task.name}")
         name = metric.name

@@ -124,11 +124,14 @@ def test_a_class_outside_0_9_is_one_line():
         config("data.digit=10")
 
 
-def test_coloc_needs_a_class_and_a_placed_recipe(mnist_root):
+def test_coloc_needs_a_class_and_a_placed_recipe_and_classify_no_class():
+    """Each checked as the config is composed, so a sweep stops before any job trains."""
     with pytest.raises(StnbenchError, match=r"^data.digit: task=coloc trains on one class"):
-        coloc.splits(config("data.digit=null"), "cpu")
+        config("data.digit=null")
     with pytest.raises(StnbenchError, match=r"^data=r: task=coloc needs a placed one-digit"):
-        coloc.splits(config("data=r"), "cpu")
+        config("data=r")
+    with pytest.raises(StnbenchError, match=r"^data.digit=3: task=classify trains on every class"):
+        load_config("stnbench_train", ["data.digit=3"])
 
 
 def finished_run(folder, model="cnn", status="ok"):

@@ -2,8 +2,8 @@
 
 A task is a module here with ``METRIC`` (a ``Metric``: the name metrics.json's results carry,
 whether lower is better, what a guess scores), ``splits``, ``batches``, ``build_model``, ``loss``,
-``evaluate``, ``settings`` and optionally ``table`` (docs/extending.md, "A task", says what each
-takes and returns). ``classify`` (Table 1, Appendix A.1) is the default; ``coloc`` is the
+``evaluate``, ``settings``, ``check`` and optionally ``table`` (docs/extending.md, "A task", says
+what each takes and returns). ``classify`` (Table 1, Appendix A.1) is the default; ``coloc`` is the
 paper's co-localisation (Appendix A.2).
 """
 

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from stnbench import data, models
 from stnbench.config import recipe_of
+from stnbench.errors import StnbenchError
 from stnbench.tasks import Metric
 
 METRIC = Metric(name="error", unit="%", lower_is_better=True, chance=90.0)  # 1 in 10 classes
@@ -15,6 +16,14 @@ METRIC = Metric(name="error", unit="%", lower_is_better=True, chance=90.0)  # 1 
 # A run's data on the device: split -> (images (N, C, S, S), labels (N,)), for train (redrawn
 # each epoch when data.fresh), val and test
 Splits = dict[str, tuple[Tensor, Tensor]]
+
+
+def check(cfg) -> None:
+    """What the task needs of a config (stnbench.config.TrainJob calls this as it is composed):
+    no class of its own, for it trains on every class."""
+    if cfg.data.digit is not None:
+        raise StnbenchError(f"data.digit={cfg.data.digit}: task=classify trains on every class; "
+                            "only task=coloc reads data.digit (leave it null)")  # fmt: skip
 
 
 def settings(cfg: DictConfig) -> dict:

@@ -49,10 +49,12 @@ def settings(cfg: DictConfig) -> dict:
             "residual": False, "tanh": False, "transformers": 1, "multi": False}  # fmt: skip
 
 
-def _checked(cfg: DictConfig) -> None:
+def check(cfg) -> None:
+    """What the task needs of a config (a DictConfig or stnbench.config.TrainJob, which calls
+    this as it is composed): a class, and a placed one-digit recipe."""
     if cfg.data.digit is None:
         raise StnbenchError("data.digit: task=coloc trains on one class; set it to 0-9")
-    rec = recipe_of(cfg)
+    rec = recipe_of(cfg) if isinstance(cfg, DictConfig) else cfg.data.recipe
     if rec is None or rec.kind != "affine" or rec.digits != 1 or not rec.place:
         raise StnbenchError(f"data={cfg.data.name}: task=coloc needs a placed one-digit recipe "
                             "(data=coloc_t or coloc_tc)")  # fmt: skip
@@ -98,7 +100,7 @@ def splits(cfg: DictConfig, dev: torch.device) -> dict[str, tuple[Tensor, Tensor
 def split(cfg: DictConfig, name: str, dev) -> tuple[Tensor, Tensor]:
     """One split's ``task.images`` images of class data.digit (N, 1, 84, 84) and their digits'
     boxes (N, 4), on the device."""
-    _checked(cfg)
+    check(cfg)
     c, idx = cfg.data, members(cfg, name)
     draw = data.fixed_draw(c.name, name, c.root, c.seed, recipe_of(cfg))
     return draw.images(idx, dev), boxes(draw.plans[0].params[idx]).to(dev)
@@ -252,7 +254,7 @@ def load_encoder(folder: Path, enc_cfg: DictConfig, dev: torch.device) -> nn.Mod
 def build_model(cfg: DictConfig, dev: torch.device, pretrained: bool = True) -> nn.Module:
     """The attention transformer (initialised from the seed) beside the frozen encoder; without
     ``pretrained``, an untrained CNN in its place, for a checkpoint's weights (trained_model)."""
-    _checked(cfg)
+    check(cfg)
     if pretrained:
         enc = encoder(cfg, dev)
     else:
