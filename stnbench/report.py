@@ -331,13 +331,15 @@ def _flags(cell) -> str:
     return ", ".join(f"{int(cell[k])} {text}" for k, text in FLAGS.items() if cell[k])
 
 
-def _ours(cell, pm="±") -> str:
-    """Mean +- std (n), and the runs that did not end ok; 'missing' where there is no run."""
-    if cell.n == 0 and not any(cell[s] for s in STATUSES[1:]):
+def cell_text(cell, pm="±", digits=2) -> str:
+    """A cell's text: mean +- std (n) of its runs that ended ok, then in brackets how many did
+    not (FLAGS' counts); 'missing' where there is no run. ``cell`` has n, mean, std and FLAGS'
+    keys (a row of cells(), or a task's table's cell)."""
+    if cell["n"] == 0 and not any(cell[s] for s in STATUSES[1:]):
         return "missing"
-    text = "no ok run" if cell.n == 0 else _fmt(cell["mean"])
-    text += f" {pm} {_fmt(cell['std'])}" if cell.n > 1 else ""
-    text += f" ({int(cell.n)})" if cell.n else ""
+    text = "no ok run" if cell["n"] == 0 else _fmt(cell["mean"], digits)
+    text += f" {pm} {_fmt(cell['std'], digits)}" if cell["n"] > 1 else ""
+    text += f" ({int(cell['n'])})" if cell["n"] else ""
     return text + (f" [{flags}]" if (flags := _flags(cell)) else "")
 
 
@@ -361,7 +363,7 @@ def _shown(table: pd.DataFrame, pm="±", diff="{:+.2f}") -> pd.DataFrame:
         name = COLUMNS.get(c["data"], c["data"])
         notes = [c.budget] if c.budget else []  # how ours trained, beside ours (not the paper's)
         notes += [c.regime] if REGIMES[True] in c.regime else []  # a fixed set is the default
-        text_ours = _ours(c, pm) + (f" @ lr {c.lr:g}" if c.lrs > 1 else "")
+        text_ours = cell_text(c, pm) + (f" @ lr {c.lr:g}" if c.lrs > 1 else "")
         shown = {
             "ours": text_ours + (f"; {', '.join(notes)}" if notes else ""),
             "paper": _fmt(c.paper, 1),
@@ -414,7 +416,7 @@ def lr_markdown(per_lr: pd.DataFrame, table: pd.DataFrame) -> str:
             record = {"model": cell.row}
             for lr in sorted(sub.lr.unique()):
                 hit = sub[(sub.row == cell.row) & (sub.lr == lr)]
-                text = "" if hit.empty else _ours(hit.iloc[0])
+                text = "" if hit.empty else cell_text(hit.iloc[0])
                 record[f"lr {lr:g}"] = text + (" *" if lr == cell.lr and text else "")
             records.append(record)
         title = (

@@ -212,7 +212,7 @@ def test_the_per_class_table_pools_seeds_and_counts_the_runs_that_did_not_end_ok
     lines = text.splitlines()
     assert "| T " in lines[2] and "95.0 ± 7.1 (2)" in lines[2]
     assert "80.0 (1) [1 collapsed]" in lines[2]
-    assert "missing [1 unfinished]" in lines[3] and "75-93" in lines[3]
+    assert "no ok run [1 unfinished]" in lines[3] and "75-93" in lines[3]
     assert coloc.table(runs.drop(columns="test_iou50").assign(status="unfinished"))[0].shape[0] == 2
 
 

@@ -315,7 +315,7 @@ def table(runs) -> tuple["pd.DataFrame", str]:  # noqa: F821
     classes, and the paper's figure. Returns the table (CSV) and its Markdown."""
     import pandas as pd
 
-    from stnbench.report import STATUSES
+    from stnbench.report import STATUSES, cell_text
 
     runs = runs.assign(digit=runs.digit.astype("Int64"))
     if "test_iou50" not in runs:  # none has ended yet
@@ -330,12 +330,9 @@ def table(runs) -> tuple["pd.DataFrame", str]:  # noqa: F821
             others = runs[(runs["data"] == name) & (runs.digit == digit) & (runs.status != "ok")]
             record |= {f"{digit}": values.mean(), f"{digit} std": values.std(),
                        f"{digit} n": len(values)}  # fmt: skip
-            cell = "" if values.empty else f"{values.mean():.1f}"
-            cell += f" ± {values.std():.1f}" if len(values) > 1 else ""
-            cell += f" ({len(values)})" if len(values) else ""
-            flags = ", ".join(f"{(others.status == s).sum()} {s}" for s in STATUSES[1:]
-                              if (others.status == s).any())  # fmt: skip
-            text[str(digit)] = (cell or "missing") + (f" [{flags}]" if flags else "")
+            cell = {"n": len(values), "mean": values.mean(), "std": values.std(), "dead": 0,
+                    **{s: (others.status == s).sum() for s in STATUSES[1:]}}  # fmt: skip
+            text[str(digit)] = cell_text(cell, digits=1)
         means = ok[ok["data"] == name].groupby("digit").test_iou50.mean()
         record["mean over classes"] = means.mean() if len(means) == 10 else float("nan")
         text["mean"] = f"{means.mean():.1f}" if len(means) == 10 else ""
