@@ -40,8 +40,7 @@ def main() -> None:
         model = coloc.build_model(cfg, torch.device("cpu")).eval()
         x, box = coloc.splits(cfg, "cpu")["train"]
         n = len(x)
-        centre, half = (box[:, :2] + box[:, 2:]) / 2, (box[:, 2:] - box[:, :2]) / 2
-        crops = {"digit": torch.cat([half[:, :1], centre], dim=1),
+        crops = {"digit": coloc.frame(box),
                  "blank": torch.tensor([[1 / 3, 5.0, 5.0]]).expand(n, 3),  # off the canvas
                  "identity": torch.tensor([[1.0, 0.0, 0.0]]).expand(n, 3)}  # fmt: skip
         rand = coloc.random_crops(n, torch.Generator().manual_seed(1))

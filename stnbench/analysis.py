@@ -10,6 +10,9 @@
   channel 0 (the first digit; stnbench.transformer.ink_share): near 1 for a transformer that
   attends to that digit, near the input's 0.5 for one that sees both; and a PNG of 8 test
   images, the input then each transformer's output.
+- ``boxes``: on co-localisation, where each run's crops sit against the digits, per split
+  (iou50, the mean offset and spread in pixels, the iou50 with the offset removed), and a PNG of
+  test images with the digit's box and the crop.
 
 Each returns the table it wrote; the CSV and PNG go where it is told.
 """
@@ -26,6 +29,7 @@ from stnbench import data, pose, report, tblog
 from stnbench.config import recipe_of
 from stnbench.errors import StnbenchError
 from stnbench.rundir import trained_model
+from stnbench.tasks import coloc
 from stnbench.transformer import ink_share
 
 TAGS = [f"transform/{panel}" for panel in tblog.PANELS]  # the image's tag, newest first
@@ -158,38 +162,74 @@ def attention_table(dirs: list[str], seed: int, png: Path, csv: Path) -> pd.Data
     return table
 
 
-def boxes_figure(dirs: list[str], seed: int, png: Path, shown: int = 4) -> pd.DataFrame:
-    """``boxes``: on co-localisation, a PNG of ``shown`` test images per class and dataset for
-    seed ``seed``'s runs that ended ok, the digit's box in green and the transformer's crop in
-    red, each beside its crop; returns the runs shown (dataset, class, test iou50)."""
+BOXED = ("ok", "collapsed")  # the co-localisation runs whose last model ``boxes`` reads
+
+
+def boxes(dirs: list[str], seed: int, png: Path, csv: Path, shown: int = 4) -> pd.DataFrame:
+    """``boxes``: on co-localisation, for every run that ended ok or collapsed, where its crops
+    sit against the digits, per split (``offsets``: the CSV); and a PNG of ``shown`` test images
+    of seed ``seed``'s runs, the digit's box in green and the crop in red, each beside its crop.
+    Returns the CSV's table."""
     from matplotlib.figure import Figure
 
-    from stnbench.tasks import coloc
-
     runs = report.collect(dirs)
-    runs = runs[(runs.get("task") == "coloc") & (runs.status == "ok") & (runs.seed == seed)]
+    runs = runs[(runs.get("task") == "coloc") & runs.status.isin(BOXED)]
     if runs.empty:
-        raise StnbenchError(f"no co-localisation runs of seed {seed} that ended ok below "
+        raise StnbenchError(f"no co-localisation runs that ended {' or '.join(BOXED)} below "
                             f"{', '.join(dirs)}")  # fmt: skip
-    runs = runs.assign(digit=runs.digit.astype(int)).sort_values(["data", "digit"])
-    fig = Figure(figsize=(2 * shown, 1.1 * len(runs)), layout="constrained")
-    axes = fig.subplots(len(runs), 1, squeeze=False)
-    for ax, r in zip(axes[:, 0], runs.itertuples(), strict=True):
+    runs = runs.assign(digit=runs.digit.astype(int)).sort_values(["data", "digit", "seed"])
+    drawn = runs[runs.seed == seed]
+    if drawn.empty:
+        raise StnbenchError(f"no co-localisation run of seed {seed} among them (--seed)")
+    fig = Figure(figsize=(2 * shown, 1.1 * len(drawn)), layout="constrained")
+    axes = iter(fig.subplots(len(drawn), 1, squeeze=False)[:, 0])
+    records = []
+    for r in runs.itertuples():
         cfg, model, _ = trained_model(Path(r.path))
-        x, box = coloc.split(cfg, "test", torch.device("cpu"))
-        x, box = x[:shown], box[:shown]
-        with torch.no_grad():
-            crops, params = model(x)
-        centre, half = (box[:, :2] + box[:, 2:]) / 2, (box[:, 2:] - box[:, :2]) / 2
-        truth = torch.cat([half[:, :1], centre], dim=1)  # the digit's frame as a crop
-        drawn = tblog.outline(x, "attention", truth, 28, color=(0.0, 1.0, 0.0))
-        drawn = tblog.outline(drawn, "attention", params, 28)
-        side = x.shape[-1]
-        big = tblog.rgb(torch.nn.functional.interpolate(crops, size=(side, side)))
-        row = torch.cat([torch.cat(pair, dim=2) for pair in zip(drawn, big, strict=True)], dim=2)
-        ax.imshow(row.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-        ax.set_title(f"{r.data}, digit {r.digit}: test iou50 {r.test_iou50:.0f}%", fontsize=8)
-        ax.axis("off")
+        splits = coloc.splits(cfg, torch.device("cpu"))
+        for split, (x, box) in splits.items():
+            records.append({"data": r.data, "digit": r.digit, "seed": r.seed, "status": r.status,
+                            "split": split, **offsets(model, x, box)})  # fmt: skip
+        if r.seed == seed:
+            ax = next(axes)
+            ax.imshow(
+                boxes_row(model, *(t[:shown] for t in splits["test"])), interpolation="nearest"
+            )
+            status = "" if r.status == "ok" else f" ({r.status})"
+            ax.set_title(f"{r.data}, digit {r.digit}: test iou50 {r.test_iou50:.0f}%{status}",
+                         fontsize=8)  # fmt: skip
+            ax.axis("off")
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=90)
-    return runs[["data", "digit", "seed", "test_iou50"]]
+    table = pd.DataFrame(records)
+    Path(csv).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(csv, index=False, float_format="%.4g")
+    return table
+
+
+@torch.no_grad()
+def offsets(model, x: Tensor, box: Tensor) -> dict:
+    """Where a co-localiser's crops of images x sit against their digits' boxes: iou50 (%), the
+    crops' mean offset from the digits' centres and its spread, in pixels of the canvas
+    (dx, dy, sd_dx, sd_dy), the iou50 with that mean offset removed, and the mean scale. A
+    biased objective gives offset crops; crops split between two places spread wide
+    (docs/coloc.md)."""
+    p, px = model.transformer.params(x), x.shape[-1] / 2  # pixels per normalised unit
+    off = (p[:, 1:] - coloc.frame(box)[:, 1:]) * px  # (N, 2)
+    moved = torch.cat([p[:, :1], p[:, 1:] - off.mean(0) / px], dim=1)
+    (dx, dy), (sx, sy) = off.mean(0).tolist(), off.std(0).tolist()
+    hit, unbiased = (100 * coloc.found(q, box).float().mean().item() for q in (p, moved))
+    return {"iou50": hit, "dx": dx, "dy": dy, "sd_dx": sx, "sd_dy": sy,
+            "iou50_offset_removed": unbiased, "scale": p[:, 0].mean().item()}  # fmt: skip
+
+
+@torch.no_grad()
+def boxes_row(model, x: Tensor, box: Tensor):
+    """Images x with the digit's box (green) and the crop (red), each beside its crop: (H, W, 3)."""
+    crops, params = model(x)
+    drawn = tblog.outline(x, "attention", coloc.frame(box), coloc.CROP, color=(0.0, 1.0, 0.0))
+    drawn = tblog.outline(drawn, "attention", params, coloc.CROP)
+    side = x.shape[-1]
+    big = tblog.rgb(torch.nn.functional.interpolate(crops, size=(side, side)))
+    row = torch.cat([torch.cat(pair, dim=2) for pair in zip(drawn, big, strict=True)], dim=2)
+    return row.permute(1, 2, 0).clamp(0, 1).numpy()

@@ -1,13 +1,17 @@
 """Co-localisation (stnbench.tasks.coloc): the digits' boxes, IoU, the score of known crops, the
-bounded crops and their zoom, the loss, the encoder's features and checks, bad input. (A short
-run that finds the digits is still to come: at a test's budget it does not, docs/coloc.md;
-tests/test_tasks.py trains it a few steps.)"""
+bounded crops and their zoom, the loss, the encoder's features and checks, bad input, the
+per-class table, and a search's sweep through stnbench-report and stnbench-analyse boxes. (A
+short run that finds the digits is still to come: at a test's budget it does not,
+docs/coloc.md; tests/test_tasks.py trains it a few steps.)"""
 
 import json
 
+import pandas as pd
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
+from test_sweeps import cli
 
 from stnbench.cli import load_config
 from stnbench.errors import StnbenchError
@@ -59,7 +63,8 @@ def test_the_true_crop_scores_100_and_the_identity_what_the_arithmetic_says(mnis
     box = coloc.splits(config("data.digit=7", "task.images=30"), "cpu")["test"][1]
     centre, half = (box[:, :2] + box[:, 2:]) / 2, (box[:, 2:] - box[:, :2]) / 2
     true = torch.cat([half[:, :1], centre], dim=1)  # (s, tx, ty) of the digit's own frame
-    assert coloc.found(true, box).all()
+    assert coloc.found(true, box).all() and torch.equal(coloc.frame(box), true)
+    torch.testing.assert_close(coloc.crop_boxes(coloc.frame(box)), box)  # frame's round trip
     identity = torch.tensor([[1.0, 0, 0]]).expand(30, 3)  # the whole canvas
     assert coloc.iou(coloc.crop_boxes(identity), box).tolist() == pytest.approx([1 / 9] * 30)
     assert not coloc.found(identity, box).any()  # 1/9 < 0.5: the identity scores 0%
@@ -231,3 +236,58 @@ def test_a_set_of_one_image_and_classifications_collapse_at_0_are_one_line():
     with pytest.raises(StnbenchError, match=r"^train.collapse.error must be above 0 for task=cl"):
         load_config("stnbench_train", ["train.collapse.error=0"])
     assert config().train.collapse.error == 0  # coloc's: iou50 at or below 0%
+
+
+def test_a_class_with_runs_at_several_lrs_reports_the_lr_best_on_validation():
+    runs = pd.DataFrame({"data": ["coloc_t"] * 4, "digit": [2.0] * 4,
+                         "lr": [1e-3, 1e-3, 1e-2, 1e-2], "status": ["ok", "ok", "ok", "diverged"],
+                         "val_iou50": [40.0, 50.0, 90.0, None],
+                         "test_iou50": [41.0, 51.0, 88.0, None]})  # fmt: skip
+    frame, text = coloc.table(runs)  # val: 1e-3 45, 1e-2 (90 + 0) / 2 = 45: the tie's smaller lr
+    assert frame.loc[0, "2 lr"] == 1e-3 and frame.loc[0, "2"] == 46.0
+    assert "46.0 ± 7.1 (2) @ lr 0.001" in text
+    runs.loc[3, "status"], runs.loc[3, "val_iou50"] = "ok", 80.0  # now 1e-2: 85
+    frame, text = coloc.table(runs)
+    assert frame.loc[0, "2 lr"] == 1e-2 and "@ lr 0.01" in text and "1 diverged" not in text
+
+
+@pytest.mark.slow
+def test_a_coloc_search_goes_through_the_report_and_the_boxes(bin_dir, tmp_path, mnist_root):
+    """A co-localisation sweep through what a researcher runs on one: an Optuna lr search
+    (hparams_search=lr, maximising best_val_iou50), stnbench-report (the per-class table, the
+    runs, the curves) and stnbench-analyse boxes (the PNG and the offsets CSV), read back."""
+    encoder = ("task.encoder_args=['data=plain','row=cnn','train.steps=100',"
+               "'train.batch_size=64','optim.lr=0.03','schedule=cosine','train.val_every=100',"
+               "'train.val_size=500']")  # fmt: skip
+    args = ["-m", "hparams_search=lr", "task=coloc", "data.digit=1", "task.images=20",
+            "train.steps=20", "train.val_every=10", "hydra.sweeper.n_trials=2",
+            f"task.encoder={tmp_path / 'encoder'}", encoder]  # fmt: skip
+    r = cli(bin_dir, tmp_path, "stnbench-train", *args, timeout=900)
+    assert r.returncode == 0, r.stderr
+    (results,) = (tmp_path / "outputs").rglob("optimization_results.yaml")
+    sweep = results.parent
+    trials = [json.loads(p.read_text()) for p in sweep.rglob("metrics.json")]
+    assert len(trials) == 2 and all(t["searched"] and t["task"] == "coloc" for t in trials)
+    scores = [t["best_val_iou50"] if t["status"] == "ok" else 0.0 for t in trials]
+    assert yaml.safe_load(results.read_text())["best_value"] == max(scores)  # maximised
+
+    out = tmp_path / "report"
+    r = cli(bin_dir, tmp_path, "stnbench-report", str(sweep), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    table = pd.read_csv(out / "table.csv")
+    assert table["data"].tolist() == ["coloc_t"] and table.loc[0, "1 lr"] in {
+        t["lr"] for t in trials
+    }
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 2 and set(runs.digit) == {1} and "test_iou50" in runs
+    curves = pd.read_csv(out / "curves.csv")
+    assert len(curves) == 2 * 2 and (out / "curves.png").stat().st_size > 0  # 2 validations each
+
+    png, csv = tmp_path / "boxes.png", tmp_path / "offsets.csv"
+    r = cli(bin_dir, tmp_path, "stnbench-analyse", "boxes", str(sweep), "--png", str(png),
+            "--csv", str(csv))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    offsets = pd.read_csv(csv)
+    assert len(offsets) == 2 * 3 and set(offsets.split) == {"train", "val", "test"}
+    assert offsets.iou50.between(0, 100).all() and (offsets.scale > 0).all()
+    assert png.stat().st_size > 0

@@ -25,17 +25,18 @@ def main() -> int:
     )
     boxes = sub.add_parser(
         "boxes",
-        help="on co-localisation: test images per class with the digit's box and the crop (PNG)",
+        help="on co-localisation: where each run's crops sit against the digits, per split "
+        "(CSV), and test images per class with the digit's box and the crop (PNG)",
     )
     for p in (pose, attention, boxes):
         p.add_argument("dirs", nargs="+", metavar="DIR", help="folders of runs")
         p.add_argument("--seed", type=int, default=0, help="whose runs the PNG shows")
     pose.add_argument("--data", default="rts", help="the distortion: affine, no clutter (r, rts)")
     for p, png, csv in ((pose, "<data>_transformer_outputs.png", "<data>_pose.csv"),
-                        (attention, "attention.png", "attention.csv")):  # fmt: skip
+                        (attention, "attention.png", "attention.csv"),
+                        (boxes, "boxes.png", "offsets.csv")):  # fmt: skip
         p.add_argument("--png", type=Path, help=f"default: DIR/report/{png}")
         p.add_argument("--csv", type=Path, help=f"default: DIR/report/{csv}")
-    boxes.add_argument("--png", type=Path, help="default: DIR/report/boxes.png")
     args = parser.parse_args()
 
     def body() -> None:
@@ -49,10 +50,8 @@ def main() -> int:
             means = table.groupby("row", sort=False).mean(numeric_only=True).drop(columns="seed")
             print(means.round(3).to_string())
         elif args.what == "boxes":
-            png = args.png or out / "boxes.png"
-            print(analysis.boxes_figure(args.dirs, args.seed, png).to_string(index=False))
-            print(f"wrote {png}")
-            return
+            png, csv = args.png or out / "boxes.png", args.csv or out / "offsets.csv"
+            print(analysis.boxes(args.dirs, args.seed, png, csv).round(1).to_string(index=False))
         else:
             png, csv = args.png or out / "attention.png", args.csv or out / "attention.csv"
             table = analysis.attention_table(args.dirs, args.seed, png, csv)

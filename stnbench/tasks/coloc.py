@@ -79,6 +79,12 @@ def crop_boxes(params: Tensor) -> Tensor:
     return torch.cat([t - s, t + s], dim=1)
 
 
+def frame(box: Tensor) -> Tensor:
+    """The attention crop (s, tx, ty) (N, 3) that samples boxes (N, 4) that are square, such as
+    the digits': half the side, and the centre."""
+    return torch.cat([(box[:, 2:3] - box[:, :1]) / 2, (box[:, :2] + box[:, 2:]) / 2], dim=1)
+
+
 def iou(a: Tensor, b: Tensor) -> Tensor:
     """Intersection over union of boxes (N, 4) and (N, 4), x0, y0, x1, y1: (N,)."""
     wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp_min(0)
@@ -312,36 +318,54 @@ PAPER = {"coloc_t": "100", "coloc_tc": "75-93"}  # % of images with IoU > 0.5, e
 def table(runs) -> tuple["pd.DataFrame", str]:  # noqa: F821
     """stnbench-report's per-class table of co-localisation runs: a row per dataset, a column
     per class, each the mean ± std (n) of test iou50 over the runs that ended ok, the mean over
-    classes, and the paper's figure. Returns the table (CSV) and its Markdown."""
+    classes, and the paper's figure. Where a class has runs at several learning rates (a
+    search), the lr whose finished runs score the best mean val iou50 (`<class> lr`). Returns
+    the table (CSV) and its Markdown."""
     import pandas as pd
 
     from stnbench.report import STATUSES, cell_text
 
     runs = runs.assign(digit=runs.digit.astype("Int64"))
-    if "test_iou50" not in runs:  # none has ended yet
-        runs = runs.assign(test_iou50=float("nan"))
-    ok = runs[runs.status == "ok"]
-    records, shown = [], []
+    for column in ("test_iou50", "val_iou50", "lr"):
+        if column not in runs:  # none has ended yet (or a table made by hand)
+            runs = runs.assign(**{column: float("nan")})
+    records, shown, means = [], [], {}
     for name in sorted(runs["data"].unique(), key=lambda n: (n not in COLUMNS, n)):
         record = {"data": name}
         text = {"data": COLUMNS.get(name, name)}
         for digit in range(10):
-            values = ok[(ok["data"] == name) & (ok.digit == digit)].test_iou50.astype(float)
-            others = runs[(runs["data"] == name) & (runs.digit == digit) & (runs.status != "ok")]
+            group = runs[(runs["data"] == name) & (runs.digit == digit)]
+            lr = _best_lr(group) if group.lr.nunique() > 1 else None
+            group = group if lr is None else group[group.lr == lr]
+            values = group[group.status == "ok"].test_iou50.astype(float)
+            means[name, digit] = values.mean()
             record |= {f"{digit}": values.mean(), f"{digit} std": values.std(),
                        f"{digit} n": len(values)}  # fmt: skip
+            record |= {} if lr is None else {f"{digit} lr": lr}
             cell = {"n": len(values), "mean": values.mean(), "std": values.std(), "dead": 0,
-                    **{s: (others.status == s).sum() for s in STATUSES[1:]}}  # fmt: skip
-            text[str(digit)] = cell_text(cell, digits=1)
-        means = ok[ok["data"] == name].groupby("digit").test_iou50.mean()
-        record["mean over classes"] = means.mean() if len(means) == 10 else float("nan")
-        text["mean"] = f"{means.mean():.1f}" if len(means) == 10 else ""
+                    **{s: (group.status == s).sum() for s in STATUSES[1:]}}  # fmt: skip
+            text[str(digit)] = cell_text(cell, digits=1) + ("" if lr is None else f" @ lr {lr:g}")
+        classes = pd.Series([means[name, d] for d in range(10)]).dropna()
+        record["mean over classes"] = classes.mean() if len(classes) == 10 else float("nan")
+        text["mean"] = f"{classes.mean():.1f}" if len(classes) == 10 else ""
         record["paper"] = text["paper"] = PAPER.get(name, "")
         records.append(record)
         shown.append(text)
     md = pd.DataFrame(shown).to_markdown(index=False, disable_numparse=True)
     legend = ("Co-localisation: % of test images whose crop has IoU > 0.5 with the digit's box, "
               "per class: mean ± std over the runs that ended ok (how many); in brackets the runs "
-              "that did not. Mean: over the 10 classes' means. Paper: Jaderberg et al. 2015, "
+              "that did not; `@ lr`: the learning rate chosen on validation. Mean: over the 10 "
+              "classes' means. Paper: Jaderberg et al. 2015, "
               "Appendix A.2 (T: 100% for every class; TC: 75-93% by class).")  # fmt: skip
     return pd.DataFrame(records), md + "\n\n" + legend + "\n"
+
+
+def _best_lr(group) -> float:
+    """Of one class's runs at several lrs, the lr whose finished runs (ok or collapsed; a
+    diverged one scores 0) have the best mean val iou50; the smaller lr of a tie."""
+    done = group[group.status.isin(["ok", "collapsed", "diverged"])]
+    if done.empty:
+        return float(group.lr.min())
+    score = done.val_iou50.astype(float).where(done.status != "diverged", 0.0).fillna(0.0)
+    by_lr = score.groupby(done.lr).mean()
+    return float(by_lr[by_lr == by_lr.max()].index.min())
