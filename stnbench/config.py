@@ -71,6 +71,9 @@ class Task(Checked):
     scale_max: float = setting(0.42, number(0, 1, lo_open=True))
     start: float = setting(0.9, number(0, 1, lo_open=True, hi_open=True))
     zoom: float = setting(0.3, number(0, 1, lo_open=True))
+    # the weight of a label-free term that pulls each crop's centre of ink to its centre
+    # (stnbench.tasks.coloc.off_centre); 0, the paper's loss alone, by default
+    centring: float = setting(0.0, number(0))
 
     def __post_init__(self):
         super().__post_init__()

@@ -165,7 +165,11 @@ class STModel(nn.Module):
     def feature_inputs(self, x: Tensor) -> list[tuple[SpatialTransformer, Tensor]]:
         """Each feature-map transformer with the feature maps that reach it for inputs x."""
         warps, seen = self.feature_warps, {}
-        hooks = [t.register_forward_pre_hook(lambda t, a: seen.setdefault(t, a[0])) for t in warps]
+
+        def keep(t, inputs) -> None:  # returns None: the input goes on unchanged
+            seen.setdefault(t, inputs[0])
+
+        hooks = [t.register_forward_pre_hook(keep) for t in warps]
         try:
             if warps:
                 self(x)
@@ -191,9 +195,7 @@ class STModel(nn.Module):
         if t.out_size != x.shape[-1]:  # the identity to another size: a plain resampling
             x = geometry.warp(x, t.kind, t.identity.expand(len(x), -1), (t.out_size,) * 2, t.mode)
         x = self.pool(x.repeat(1, len(self.transformers), 1, 1))
-        if not self.feature_warps:
-            return self.classifier(x)
-        for layer in self.classifier:  # a CNN's layers in order, its feature warps skipped
+        for layer in self.classifier:  # the classifier's layers in order, feature warps skipped
             x = x if isinstance(layer, FeatureWarp) else layer(x)
         return x
 

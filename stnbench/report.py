@@ -259,20 +259,25 @@ def _budget(steps, batch) -> str:
     return f"{steps:,.0f} steps" + ("" if pd.isna(batch) else f" of {batch:.0f}")
 
 
-def _selection_score(group: pd.DataFrame) -> float:
-    """Mean validation error over the finished runs of one lr; a diverged run counts as 100%."""
+def selection_score(group: pd.DataFrame, metric=None) -> float:
+    """How one lr's runs score on validation, lower better: the mean final validation metric
+    (classification's error, else ``metric``'s; negated where higher is better) over its
+    finished runs, a diverged or unscored run counting as the worst, 100% or 0%; inf for none."""
+    name, lower = ("error", True) if metric is None else (metric.name, metric.lower_is_better)
     done = group[group.status.isin(["ok", "collapsed", "diverged"])]
     if done.empty:
         return math.inf
-    val = done.val_error.astype(float).where(done.status != "diverged", 100.0)
-    return float(val.fillna(100.0).mean())
+    worst = 100.0 if lower else 0.0
+    val = done[f"val_{name}"].astype(float).where(done.status != "diverged", worst)
+    mean = float(val.fillna(worst).mean())
+    return mean if lower else -mean
 
 
 def by_lr(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (row, data, lr): the statistics of those runs."""
     out = []
     for (row, data, lr), g in runs.groupby(["row", "data", "lr"], sort=False):
-        out.append({"row": row, "data": data, "lr": lr, **_stats(g), "score": _selection_score(g)})
+        out.append({"row": row, "data": data, "lr": lr, **_stats(g), "score": selection_score(g)})
     return pd.DataFrame(out)
 
 

@@ -184,6 +184,55 @@ def test_the_triplet_loss_is_the_papers_hinge_over_pairs():
     assert value.item() == pytest.approx(sum(want) / len(want))
 
 
+def test_the_centring_term_is_the_squared_distance_of_the_ink_from_the_crops_centre():
+    crop = torch.zeros(2, 1, 28, 28)
+    crop[0, 0, 13:15, 13:15] = 1  # about the centre: the ink's centre at 0
+    crop[1, 0, 13:15, 20:22] = 1  # 7 px right: pixels 20, 21's centres 13/28, 15/28 -> 0.5
+    assert coloc.off_centre(crop[:1]).item() == pytest.approx(0, abs=1e-7)
+    assert coloc.off_centre(crop[1:]).item() == pytest.approx(0.25)
+    assert coloc.off_centre(crop).item() == pytest.approx(0.125)  # the mean over crops
+    torch.manual_seed(0)
+    model = coloc.CoLocaliser(coloc.SpatialTransformer("coloc", "attention", 84, out_size=28),
+                              coloc.models.build("cnn", None, 28))  # fmt: skip
+    x, rand = torch.rand(4, 1, 84, 84), coloc.random_crops(4, torch.Generator())
+    plain, with_term = (coloc.triplet(model, x, rand, 1.0, w)[0] for w in (0.0, 2.0))
+    assert with_term.item() == pytest.approx(
+        plain.item() + 2 * coloc.off_centre(model(x)[0]).item()
+    )
+
+
+@pytest.mark.parametrize(("px", "found"), [((6, -3), 100), ((18, -9), 0)])
+def test_offsets_measure_a_known_shift_of_the_true_crops(px, found):
+    """stnbench-analyse boxes' offsets: crops on the digits' own frames, all moved by px pixels
+    (x right, y down), show that shift with no spread, and score 100% with it removed. A 28 px
+    square moved (6, 3) px has IoU (22 x 25) / (2 x 784 - 22 x 25) = 0.54; by (18, 9), 0.11."""
+    from types import SimpleNamespace
+
+    from stnbench.analysis import offsets
+
+    box = torch.tensor([[-0.5, -0.5, 1 / 6, 1 / 6], [0.0, 0.1, 2 / 3, 23 / 30]])  # sides 2/3
+    crops = coloc.frame(box) + torch.tensor([0.0, px[0] / 42, px[1] / 42])  # 42 px a unit
+    model = SimpleNamespace(transformer=SimpleNamespace(params=lambda x: crops))
+    got = offsets(model, torch.zeros(2, 1, 84, 84), box)
+    assert (got["dx"], got["dy"]) == (
+        pytest.approx(px[0], abs=1e-4),
+        pytest.approx(px[1], abs=1e-4),
+    )
+    assert got["sd_dx"] < 1e-4 and got["sd_dy"] < 1e-4 and got["scale"] == pytest.approx(1 / 3)
+    assert got["iou50"] == found and got["iou50_offset_removed"] == 100
+
+
+def test_runs_with_the_centring_term_are_a_row_of_their_own():
+    runs = pd.DataFrame({"data": ["coloc_t"] * 3, "digit": [5.0] * 3, "lr": [1e-3] * 3,
+                         "status": ["ok"] * 3, "centring": [None, 0.0, 1.0],
+                         "test_iou50": [80.0, 90.0, 99.0],
+                         "val_iou50": [80.0, 90.0, 99.0]})  # fmt: skip
+    frame, text = coloc.table(runs)  # None: a run from before the setting, which trained without
+    assert frame["5"].tolist() == [85.0, 99.0] and frame.centring.fillna(0).tolist() == [0, 1]
+    assert [line.split("|")[1].strip() for line in text.splitlines()[2:4]] == ["T", "T, centring 1"]
+    assert "centring" not in coloc.table(runs.drop(columns="centring"))[0]  # a committed table's
+
+
 def test_the_encoders_features_are_its_two_pools_and_logits_at_unit_length():
     torch.manual_seed(0)
     encoder = coloc.models.build("cnn", None, 28)
@@ -275,9 +324,8 @@ def test_a_coloc_search_goes_through_the_report_and_the_boxes(bin_dir, tmp_path,
     r = cli(bin_dir, tmp_path, "stnbench-report", str(sweep), "--out", str(out))
     assert r.returncode == 0, r.stderr
     table = pd.read_csv(out / "table.csv")
-    assert table["data"].tolist() == ["coloc_t"] and table.loc[0, "1 lr"] in {
-        t["lr"] for t in trials
-    }
+    best = max(trials, key=lambda t: (t["val_iou50"] if t["status"] != "diverged" else 0, -t["lr"]))
+    assert table["data"].tolist() == ["coloc_t"] and table.loc[0, "1 lr"] == best["lr"]
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 2 and set(runs.digit) == {1} and "test_iou50" in runs
     curves = pd.read_csv(out / "curves.csv")

@@ -44,9 +44,11 @@ FEATURES = (2, 5, 7)  # the encoder CNN's layers whose outputs are its features:
 
 
 def settings(cfg: DictConfig) -> dict:
-    """What metrics.json records of the task: its name, the class, the model it trains."""
-    return {"task": "coloc", "digit": cfg.data.digit, "model": "coloc", "transform": "attention",
-            "residual": False, "tanh": False, "transformers": 1, "multi": False}  # fmt: skip
+    """What metrics.json records of the task: its name, the class, the centring term's weight
+    (its loss), the model it trains."""
+    return {"task": "coloc", "digit": cfg.data.digit, "centring": cfg.task.centring,
+            "model": "coloc", "transform": "attention", "residual": False, "tanh": False,
+            "transformers": 1, "multi": False}  # fmt: skip
 
 
 def check(cfg) -> None:
@@ -54,6 +56,7 @@ def check(cfg) -> None:
     this as it is composed): a class, and a placed one-digit recipe."""
     if cfg.data.digit is None:
         raise StnbenchError("data.digit: task=coloc trains on one class; set it to 0-9")
+    # a composed DictConfig's recipe is a plain node: recipe_of makes it a Recipe (with .kind)
     rec = recipe_of(cfg) if isinstance(cfg, DictConfig) else cfg.data.recipe
     if rec is None or rec.kind != "affine" or rec.digits != 1 or not rec.place:
         raise StnbenchError(f"data={cfg.data.name}: task=coloc needs a placed one-digit recipe "
@@ -106,7 +109,7 @@ def splits(cfg: DictConfig, dev: torch.device) -> dict[str, tuple[Tensor, Tensor
 def split(cfg: DictConfig, name: str, dev) -> tuple[Tensor, Tensor]:
     """One split's ``task.images`` images of class data.digit (N, 1, 84, 84) and their digits'
     boxes (N, 4), on the device."""
-    check(cfg)
+    check(cfg)  # again: a config read back from a run folder was never composed
     c, idx = cfg.data, members(cfg, name)
     draw = data.fixed_draw(c.name, name, c.root, c.seed, recipe_of(cfg))
     return draw.images(idx, dev), boxes(draw.plans[0].params[idx]).to(dev)
@@ -260,7 +263,7 @@ def load_encoder(folder: Path, enc_cfg: DictConfig, dev: torch.device) -> nn.Mod
 def build_model(cfg: DictConfig, dev: torch.device, pretrained: bool = True) -> nn.Module:
     """The attention transformer (initialised from the seed) beside the frozen encoder; without
     ``pretrained``, an untrained CNN in its place, for a checkpoint's weights (trained_model)."""
-    check(cfg)
+    check(cfg)  # again: a config read back from a run folder was never composed
     if pretrained:
         enc = encoder(cfg, dev)
     else:
@@ -274,8 +277,22 @@ def build_model(cfg: DictConfig, dev: torch.device, pretrained: bool = True) -> 
 # --- loss and evaluation ------------------------------------------------------------------------
 
 
-def triplet(model: CoLocaliser, x: Tensor, crops: Tensor, margin: float) -> tuple[Tensor, Tensor]:
-    """The triplet hinge loss (module doc), its mean over the batch's pairs; the crops' params."""
+def off_centre(out: Tensor) -> Tensor:
+    """How far the ink of crops (B, 1, 28, 28) lies from their centres: the mean squared
+    distance of each crop's centre of ink from its centre, in squared half-sides. It reads no
+    label or box; a crop with no ink costs nothing (blank crops are the collapse rule's)."""
+    xy = geometry.pixel_centres(out.shape[-2:], out.dtype, out.device)  # (H, W, 2)
+    ink = out[:, 0].clamp_min(0)  # (B, H, W)
+    centre = (ink[..., None] * xy).sum((1, 2)) / ink.sum((1, 2))[:, None].clamp_min(1e-6)
+    return centre.pow(2).sum(1).mean()
+
+
+def triplet(
+    model: CoLocaliser, x: Tensor, crops: Tensor, margin: float, centring: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """The triplet hinge loss (module doc), its mean over the batch's pairs, plus ``centring``
+    times off_centre of the crops (task.centring; the paper's loss has none); the crops'
+    params."""
     out, params = model(x)
     rand = geometry.warp(x, "attention", crops, (CROP, CROP))
     a, q = model.features(out), model.features(rand)
@@ -283,7 +300,8 @@ def triplet(model: CoLocaliser, x: Tensor, crops: Tensor, margin: float) -> tupl
     neg = (a - q).pow(2).sum(1, keepdim=True)  # (B, 1): ||e(T(I_n)) - e(rand(I_n))||^2
     hinge = (pos - neg + margin).clamp_min(0)
     pairs = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
-    return hinge[pairs].mean(), params
+    value = hinge[pairs].mean()
+    return (value + centring * off_centre(out) if centring else value), params
 
 
 def loss(model, x: Tensor, y: tuple[Tensor, float], cfg: DictConfig | None = None):
@@ -291,8 +309,8 @@ def loss(model, x: Tensor, y: tuple[Tensor, float], cfg: DictConfig | None = Non
     training metric (the boxes are for evaluation only)."""
     crops, top = y
     model.transformer.ceiling.fill_(top)
-    margin = cfg.task.margin if cfg is not None else 1.0
-    return triplet(model, x, crops, margin)[0], None
+    margin, centring = (cfg.task.margin, cfg.task.centring) if cfg is not None else (1.0, 0.0)
+    return triplet(model, x, crops, margin, centring)[0], None
 
 
 @torch.no_grad()
@@ -316,9 +334,10 @@ PAPER = {"coloc_t": "100", "coloc_tc": "75-93"}  # % of images with IoU > 0.5, e
 
 
 def table(runs) -> tuple["pd.DataFrame", str]:  # noqa: F821
-    """stnbench-report's per-class table of co-localisation runs: a row per dataset, a column
-    per class, each the mean ± std (n) of test iou50 over the runs that ended ok, the mean over
-    classes, and the paper's figure. Where a class has runs at several learning rates (a
+    """stnbench-report's per-class table of co-localisation runs: a row per dataset (and weight
+    of the centring term, task.centring, where it is not 0), a column per class, each the mean
+    ± std (n) of test iou50 over the runs that ended ok, the mean over classes, and the paper's
+    figure. Where a class has runs at several learning rates (a
     search), the lr whose finished runs score the best mean val iou50 (`<class> lr`). Returns
     the table (CSV) and its Markdown."""
     import pandas as pd
@@ -329,43 +348,51 @@ def table(runs) -> tuple["pd.DataFrame", str]:  # noqa: F821
     for column in ("test_iou50", "val_iou50", "lr"):
         if column not in runs:  # none has ended yet (or a table made by hand)
             runs = runs.assign(**{column: float("nan")})
+    # runs from before task.centring existed trained without it: a row per dataset and weight
+    weights = runs["centring"] if "centring" in runs else pd.Series(0.0, runs.index)
+    runs = runs.assign(centring=weights.astype(float).fillna(0.0))
     records, shown, means = [], [], {}
-    for name in sorted(runs["data"].unique(), key=lambda n: (n not in COLUMNS, n)):
-        record = {"data": name}
-        text = {"data": COLUMNS.get(name, name)}
+    rows = runs[["data", "centring"]].drop_duplicates().itertuples(index=False)
+    for name, w in sorted(rows, key=lambda r: (r[0] not in COLUMNS, r[0], r[1])):
+        record = {"data": name} | ({"centring": w} if w else {})
+        text = {"data": COLUMNS.get(name, name) + (f", centring {w:g}" if w else "")}
+        mine = runs[(runs["data"] == name) & (runs.centring == w)]
         for digit in range(10):
-            group = runs[(runs["data"] == name) & (runs.digit == digit)]
+            group = mine[mine.digit == digit]
             lr = _best_lr(group) if group.lr.nunique() > 1 else None
             group = group if lr is None else group[group.lr == lr]
             values = group[group.status == "ok"].test_iou50.astype(float)
-            means[name, digit] = values.mean()
+            means[name, w, digit] = values.mean()
             record |= {f"{digit}": values.mean(), f"{digit} std": values.std(),
                        f"{digit} n": len(values)}  # fmt: skip
             record |= {} if lr is None else {f"{digit} lr": lr}
             cell = {"n": len(values), "mean": values.mean(), "std": values.std(), "dead": 0,
                     **{s: (group.status == s).sum() for s in STATUSES[1:]}}  # fmt: skip
             text[str(digit)] = cell_text(cell, digits=1) + ("" if lr is None else f" @ lr {lr:g}")
-        classes = pd.Series([means[name, d] for d in range(10)]).dropna()
+        classes = pd.Series([means[name, w, d] for d in range(10)]).dropna()
         record["mean over classes"] = classes.mean() if len(classes) == 10 else float("nan")
         text["mean"] = f"{classes.mean():.1f}" if len(classes) == 10 else ""
         record["paper"] = text["paper"] = PAPER.get(name, "")
         records.append(record)
         shown.append(text)
     md = pd.DataFrame(shown).to_markdown(index=False, disable_numparse=True)
+    chosen = any("@ lr" in t for row in shown for t in row.values())
     legend = ("Co-localisation: % of test images whose crop has IoU > 0.5 with the digit's box, "
               "per class: mean ± std over the runs that ended ok (how many); in brackets the runs "
-              "that did not; `@ lr`: the learning rate chosen on validation. Mean: over the 10 "
-              "classes' means. Paper: Jaderberg et al. 2015, "
+              "that did not"
+              + ("; `@ lr`: the learning rate chosen on validation" if chosen else "")
+              + ("; `centring`: with the label-free centring term of that weight, not the "
+                 "paper's" if runs.centring.any() else "")
+              + ". Mean: over the 10 classes' means. Paper: Jaderberg et al. 2015, "
               "Appendix A.2 (T: 100% for every class; TC: 75-93% by class).")  # fmt: skip
     return pd.DataFrame(records), md + "\n\n" + legend + "\n"
 
 
 def _best_lr(group) -> float:
-    """Of one class's runs at several lrs, the lr whose finished runs (ok or collapsed; a
-    diverged one scores 0) have the best mean val iou50; the smaller lr of a tie."""
-    done = group[group.status.isin(["ok", "collapsed", "diverged"])]
-    if done.empty:
-        return float(group.lr.min())
-    score = done.val_iou50.astype(float).where(done.status != "diverged", 0.0).fillna(0.0)
-    by_lr = score.groupby(done.lr).mean()
-    return float(by_lr[by_lr == by_lr.max()].index.min())
+    """Of one class's runs at several lrs, the one best on validation (report.selection_score:
+    the mean final val iou50 of its finished runs, a diverged one scoring 0); of a tie, the
+    smaller lr."""
+    from stnbench.report import selection_score
+
+    scores = {lr: selection_score(g, METRIC) for lr, g in group.groupby("lr")}
+    return float(min(scores, key=lambda lr: (scores[lr], lr)))
