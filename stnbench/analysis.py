@@ -177,7 +177,9 @@ def boxes(dirs: list[str], seed: int, png: Path, csv: Path, shown: int = 4) -> p
     if runs.empty:
         raise StnbenchError(f"no co-localisation runs that ended {' or '.join(BOXED)} below "
                             f"{', '.join(dirs)}")  # fmt: skip
-    runs = runs.assign(digit=runs.digit.astype(int)).sort_values(["data", "digit", "seed"])
+    weights = runs["centring"] if "centring" in runs else pd.Series(0.0, runs.index)
+    runs = runs.assign(digit=runs.digit.astype(int), centring=weights.astype(float).fillna(0.0))
+    runs = runs.sort_values(["data", "centring", "digit", "seed"])  # centring: coloc.table's
     drawn = runs[runs.seed == seed]
     if drawn.empty:
         raise StnbenchError(f"no co-localisation run of seed {seed} among them (--seed)")
@@ -188,16 +190,18 @@ def boxes(dirs: list[str], seed: int, png: Path, csv: Path, shown: int = 4) -> p
         cfg, model, _ = trained_model(Path(r.path))
         splits = coloc.splits(cfg, torch.device("cpu"))
         for split, (x, box) in splits.items():
-            records.append({"data": r.data, "digit": r.digit, "seed": r.seed, "status": r.status,
-                            "split": split, **offsets(model, x, box)})  # fmt: skip
+            records.append({"data": r.data, "centring": r.centring, "digit": r.digit,
+                            "seed": r.seed, "status": r.status, "split": split,
+                            **offsets(model, x, box)})  # fmt: skip
         if r.seed == seed:
             ax = next(axes)
             ax.imshow(
                 boxes_row(model, *(t[:shown] for t in splits["test"])), interpolation="nearest"
             )
             status = "" if r.status == "ok" else f" ({r.status})"
-            ax.set_title(f"{r.data}, digit {r.digit}: test iou50 {r.test_iou50:.0f}%{status}",
-                         fontsize=8)  # fmt: skip
+            loss = f", centring {r.centring:g}" if r.centring else ""
+            ax.set_title(f"{r.data}{loss}, digit {r.digit}: test iou50 {r.test_iou50:.0f}%"
+                         f"{status}", fontsize=8)  # fmt: skip
             ax.axis("off")
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=90)

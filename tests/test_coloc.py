@@ -1,8 +1,8 @@
 """Co-localisation (stnbench.tasks.coloc): the digits' boxes, IoU, the score of known crops, the
 bounded crops and their zoom, the loss, the encoder's features and checks, bad input, the
-per-class table, and a search's sweep through stnbench-report and stnbench-analyse boxes. (A
-short run that finds the digits is still to come: at a test's budget it does not,
-docs/coloc.md; tests/test_tasks.py trains it a few steps.)"""
+per-class table, the centring term, and a search's sweep through stnbench-report and
+stnbench-analyse boxes. (tests/test_tasks.py has a short run that finds the digits, with the
+centring term: without it, at a test's budget it does not, docs/coloc.md.)"""
 
 import json
 

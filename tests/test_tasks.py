@@ -12,19 +12,16 @@ from stnbench.errors import StnbenchError
 from stnbench.train import train
 
 # each task's few steps: a small classifier on plain MNIST; one class's co-localisation with an
-# encoder trained for 150 steps in the test's folder
+# encoder trained for 150 steps in the test's folder and the centring term, without which it
+# does not learn at a test's budget (docs/coloc.md; measured: 62.5% test iou50 at 300 steps)
 ARGS = {
     "classify": ["data=plain", "model=fcn", "data.train_size=3000", "train.batch_size=64",
                  "train.steps=60", "train.val_every=30", "train.val_size=500"],
-    "coloc": ["data.digit=1", "task.images=40", "train.steps=100", "train.val_every=50",
+    "coloc": ["data.digit=1", "task.images=40", "train.steps=300", "train.val_every=100",
+              "task.centring=1",
               "task.encoder_args=['data=plain','row=cnn','train.steps=150','train.batch_size=64',"
               "'optim.lr=0.03','schedule=cosine','train.val_every=150','train.val_size=500']"],
 }  # fmt: skip
-
-
-# co-localisation learns at its own budget on some classes only, and not at these few steps
-# (an encoder of 150-500 steps, 40 images, 300 steps: blank or 0%; docs/coloc.md)
-LEARNS = {"classify": True, "coloc": False}
 
 
 SLOW = {"coloc"}  # its encoder trains first
@@ -37,17 +34,12 @@ def test_every_task_trains_a_few_steps_and_reports_its_metric(name, mnist_root, 
     task = tasks.get(name)
     args = [f"task={name}", *ARGS[name], f"task.encoder={tmp_path / 'encoder'}"]
     m = train(load_config("stnbench_train", args), tmp_path / "run")
-    metric = task.METRIC
-    # a task that does not learn yet may end collapsed (near chance), never diverged or failed
-    assert m["status"] in ("ok",) if LEARNS[name] else m["status"] in ("ok", "collapsed")
-    assert m["steps"] > 0 and m["params"] > 0
-    for split in ("test", "val", "best_test"):
+    metric, chance = task.METRIC, task.METRIC.chance
+    assert m["status"] == "ok" and m["steps"] > 0 and m["params"] > 0
+    for split in ("test", "val", "best_test"):  # well clear of chance (coloc's identity: 0%)
         value = m[f"{split}_{metric.name}"]
         assert 0 <= value <= 100
-        if LEARNS[name]:
-            assert m["status"] == "ok"
-            chance = metric.chance
-            assert value < chance / 2 if metric.lower_is_better else value > 2 * chance
+        assert value < chance / 2 if metric.lower_is_better else value > chance + 30
     assert m["digest"] == rundir.digest(m) and rundir.disagreement(m) is None
 
 
