@@ -177,8 +177,7 @@ def boxes(dirs: list[str], seed: int, png: Path, csv: Path, shown: int = 4) -> p
     if runs.empty:
         raise StnbenchError(f"no co-localisation runs that ended {' or '.join(BOXED)} below "
                             f"{', '.join(dirs)}")  # fmt: skip
-    weights = runs["centring"] if "centring" in runs else pd.Series(0.0, runs.index)
-    runs = runs.assign(digit=runs.digit.astype(int), centring=weights.astype(float).fillna(0.0))
+    runs = runs.assign(digit=runs.digit.astype(int), centring=coloc.centring_of(runs))
     runs = runs.sort_values(["data", "centring", "digit", "seed"])  # centring: coloc.table's
     drawn = runs[runs.seed == seed]
     if drawn.empty:

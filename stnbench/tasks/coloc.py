@@ -348,9 +348,7 @@ def table(runs) -> tuple["pd.DataFrame", str]:  # noqa: F821
     for column in ("test_iou50", "val_iou50", "lr"):
         if column not in runs:  # none has ended yet (or a table made by hand)
             runs = runs.assign(**{column: float("nan")})
-    # runs from before task.centring existed trained without it: a row per dataset and weight
-    weights = runs["centring"] if "centring" in runs else pd.Series(0.0, runs.index)
-    runs = runs.assign(centring=weights.astype(float).fillna(0.0))
+    runs = runs.assign(centring=centring_of(runs))  # a row per dataset and weight
     records, shown, means = [], [], {}
     rows = runs[["data", "centring"]].drop_duplicates().itertuples(index=False)
     for name, w in sorted(rows, key=lambda r: (r[0] not in COLUMNS, r[0], r[1])):
@@ -386,6 +384,15 @@ def table(runs) -> tuple["pd.DataFrame", str]:  # noqa: F821
               + ". Mean: over the 10 classes' means. Paper: Jaderberg et al. 2015, "
               "Appendix A.2 (T: 100% for every class; TC: 75-93% by class).")  # fmt: skip
     return pd.DataFrame(records), md + "\n\n" + legend + "\n"
+
+
+def centring_of(runs) -> "pd.Series":  # noqa: F821
+    """Each run's task.centring (a runs.csv column): 0 for runs from before it existed, which
+    trained without the term."""
+    import pandas as pd
+
+    weights = runs["centring"] if "centring" in runs else pd.Series(0.0, runs.index)
+    return weights.astype(float).fillna(0.0)
 
 
 def _best_lr(group) -> float:
