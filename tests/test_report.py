@@ -407,9 +407,10 @@ RESULTS = Path(__file__).resolve().parents[1] / "outputs" / "results"
     "folder", sorted(p.parent.relative_to(RESULTS) for p in RESULTS.rglob("table.csv")), ids=str
 )
 def test_every_committed_table_is_what_its_runs_csv_makes(folder, tmp_path):
-    """Each committed results folder's tables are stnbench-report's, today, of its runs.csv:
-    every configuration counted once (no two of its runs share an identity) and each cell as
-    committed (the tables were rebuilt this way when the layout last changed)."""
+    """Each committed results folder's tables (table.*, and table_lr.* where lrs differ) are
+    stnbench-report's, today, of its runs.csv, and no other: every configuration counted once
+    (no two of its runs share an identity) and each cell as committed (the tables were rebuilt
+    this way when the layout last changed)."""
     runs = report.collect([RESULTS / folder / "runs.csv"])
     assert runs.attrs["duplicates"] == []
     assert not runs.identity.dropna().duplicated().any()
@@ -419,8 +420,9 @@ def test_every_committed_table_is_what_its_runs_csv_makes(folder, tmp_path):
                                                                  "data.digit=0"]))}  # fmt: skip
     settings = [k for k in recorded if k in runs and k != "torch"]
     assert not runs[settings].astype(str).duplicated().any()
-    tables = {p.name for p in report.write(runs, tmp_path) if p.stem == "table"}
+    tables = {p.name for p in report.write(runs, tmp_path) if p.stem.startswith("table")}
     assert {"table.csv", "table.md"} <= tables
+    assert {p.name for p in (RESULTS / folder).glob("table*")} == tables  # none stale
     for name in tables:
         assert (tmp_path / name).read_text() == (RESULTS / folder / name).read_text(), name
 
