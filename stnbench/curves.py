@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stnbench import tasks, tblog
+from stnbench import legacy, tasks, tblog
 from stnbench.files import atomic_path
 
 DONE = ("ok", "collapsed", "diverged")  # runs whose curves are whole
@@ -48,39 +48,123 @@ def events(folder: str | Path, tags: tuple[str, ...] = tblog.VAL_ERROR) -> pd.Da
     return pd.DataFrame(rows, columns=["step", "val_error", "seconds"])
 
 
+KEYS = ["protocol", "data", "row", "lr", "step"]  # a curve's point: runs averaged over seeds
+
+
 def read(runs: pd.DataFrame) -> pd.DataFrame:
     """The curves of every finished run, averaged over seeds per (protocol, data, row, lr,
-    step); n counts the runs averaged."""
+    step); n counts the runs averaged. A runs.csv's runs (stnbench.report.tabulated) bring the
+    curves its folder's curves.csv holds for them (``committed``), pooled with the run folders'
+    where both have a point."""
     parts = []
     done = runs.status.isin(DONE)
-    if "tabulated" in runs:  # rows of a runs.csv: their folders are not read (stnbench.report)
+    if "tabulated" in runs:  # rows of a runs.csv: their folders are not read
         done &= runs.tabulated.isna()
     for run in runs[done].itertuples():
         name = tasks.get(tasks.name_of({"task": getattr(run, "task", None)})).METRIC.name
         curve = events(run.path, tblog.val_tags(name))
         if not curve.empty:
-            protocol = Path(run.source).name if isinstance(run.source, str) else ""
-            curve = curve.assign(protocol=protocol, data=run.data, row=run.row, lr=run.lr,
-                                 seed=run.seed, metric=name)  # fmt: skip
+            curve = curve.assign(protocol=_protocol(run.source), data=run.data, row=run.row,
+                                 lr=run.lr, seed=run.seed, metric=name)  # fmt: skip
             parts.append(curve.assign(images=curve.step * run.batch_size))
-    if not parts:
+    kept, _ = committed(runs)
+    if not parts and kept.empty:
         return pd.DataFrame()
-    keys = ["protocol", "data", "row", "lr", "step"]
-    frame = pd.concat(parts)
-    metrics = frame.metric.unique()
-    frame = frame.groupby(keys, sort=False)
-    out = frame.agg(
-        images=("images", "first"),
-        seconds=("seconds", "mean"),
-        mean=("val_error", "mean"),
-        std=("val_error", "std"),
-        min=("val_error", "min"),
-        max=("val_error", "max"),
-        n=("seed", "size"),
-    )
-    out = out.reset_index().sort_values(keys, ignore_index=True)
+    metrics = [] if kept.empty else list(kept.attrs["metrics"])
+    if parts:
+        frame = pd.concat(parts)
+        metrics += [m for m in frame.metric.unique() if m not in metrics]
+        frame = frame.groupby(KEYS, sort=False).agg(
+            images=("images", "first"),
+            seconds=("seconds", "mean"),
+            mean=("val_error", "mean"),
+            std=("val_error", "std"),
+            min=("val_error", "min"),
+            max=("val_error", "max"),
+            n=("seed", "size"),
+        )
+        out = _pooled(pd.concat([k for k in (kept, frame.reset_index()) if not k.empty]))
+    else:
+        out = kept
+    out = out.sort_values(KEYS, ignore_index=True)
     out.attrs["metric"] = ", ".join(metrics)  # the plot's axis
     return out
+
+
+def _protocol(source) -> str:
+    return Path(source).name if isinstance(source, str) else ""
+
+
+def committed(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The curves that the runs.csv of ``runs``' tabulated rows has beside it (its folder's
+    curves.csv, as read() wrote it), each (protocol, data, row, lr) kept where it averages as
+    many runs as that runs.csv has finished in it here (none set aside as another's duplicate),
+    and a line for each runs.csv or curve left out."""
+    if "tabulated" not in runs:
+        return pd.DataFrame(), []
+    kept, problems, metrics = [], [], []
+    tabulated = runs[runs.tabulated.notna() & runs.status.isin(DONE)]
+    for csv, group in tabulated.groupby("tabulated", sort=False):
+        path = Path(csv).with_name("curves.csv")
+        if not path.is_file():
+            continue  # a folder whose runs logged no validations: no curves to bring
+        try:
+            frame = pd.read_csv(path)
+        except (ValueError, OSError) as e:
+            problems.append(f"{path}: unreadable ({type(e).__name__}: {e}); its curves left out")
+            continue
+        group = group.assign(protocol=group.source.map(_protocol))
+        if "lr" not in frame and {"protocol", "data", "row"} <= set(frame):
+            lines = len(frame.groupby(["protocol", "data", "row"]))
+            frame = legacy.curves_lr(frame, group)
+            if (lost := lines - len(frame.groupby(["protocol", "data", "row"]))) > 0:
+                problems.append(f"{path}: {lost} lines pool several lrs (written before lrs "
+                                "were kept apart); left out")  # fmt: skip
+        if missing := [k for k in (*KEYS, "images", "seconds", "mean", "n") if k not in frame]:
+            problems.append(f"{path}: no {', '.join(missing)} column; its curves left out")
+            continue
+        finished = group.groupby(KEYS[:-1], dropna=False).size()
+        averaged = frame.groupby(KEYS[:-1], dropna=False).n.max()
+        whole = [key for key, n in averaged.items() if finished.get(key, 0) == n]
+        for key, n in averaged.drop(whole).items():
+            protocol, data, row, lr = key
+            problems.append(
+                f"{path}: {row} on {data} ({protocol}, lr {lr:g}) averages {n} runs, "
+                f"{finished.get(key, 0)} of them here; its curve left out"
+            )
+        frame = frame.set_index(KEYS[:-1])
+        kept.append(frame[frame.index.isin(whole)].reset_index())
+        names = {tasks.get(tasks.name_of({"task": t})).METRIC.name
+                 for t in group.get("task", pd.Series([None] * len(group)))}  # fmt: skip
+        metrics += [m for m in sorted(names) if m not in metrics]
+    if not kept:
+        return pd.DataFrame(), problems
+    out = pd.concat(kept, ignore_index=True)
+    out.attrs["metrics"] = metrics
+    return out, problems
+
+
+def _pooled(frame: pd.DataFrame) -> pd.DataFrame:
+    """Points that two sources hold (a committed curves.csv and the run folders) as one: n the
+    sum, mean and seconds weighted by n, min and max of both, std pooled exactly (n - 1: each
+    source's spread about the pooled mean)."""
+    groups = frame.groupby(KEYS, sort=False, dropna=False)
+    n = groups.n.transform("sum")
+    mean = (frame["mean"] * frame.n).groupby([frame[k] for k in KEYS], dropna=False)
+    mean = mean.transform("sum") / n
+    spread = frame["std"].fillna(0) ** 2 * (frame.n - 1) + frame.n * (frame["mean"] - mean) ** 2
+    frame = frame.assign(pooled_mean=mean, ss=spread, s=frame.seconds * frame.n)
+    out = frame.groupby(KEYS, sort=False, dropna=False).agg(
+        images=("images", "first"), s=("s", "sum"), ss=("ss", "sum"), min=("min", "min"),
+        max=("max", "max"), n=("n", "sum"), parts=("n", "size"), pooled_mean=("pooled_mean",
+        "first"), mean=("mean", "first"), std=("std", "first"), seconds=("seconds", "first"),
+    )  # fmt: skip
+    many = out.parts > 1  # elsewhere a point of one source, its values as they were
+    out.loc[many, "mean"] = out.pooled_mean[many]
+    out.loc[many, "seconds"] = out.s[many] / out.n[many]
+    out.loc[many, "std"] = (out.ss[many] / (out.n[many] - 1)) ** 0.5
+    columns = ["images", "seconds", "mean", "std", "min", "max", "n"]
+    return out[columns].reset_index()
 
 
 def plot(frame: pd.DataFrame, path: Path) -> None:

@@ -4,10 +4,12 @@ changed and when, so that it can go once no such run is left.
 - ``before_loc_lr_fix``: runs with several transformers trained before commit 666d9d5.
 - ``fresh_of``: runs whose metrics.json predates its ``fresh`` field (the data regime).
 - ``VAL_ERROR``, ``PANEL``: TensorBoard tags before 2026-12-07 (stnbench.tblog has today's).
+- ``curves_lr``: a curves.csv written before its lines were kept apart by learning rate.
 """
 
 from pathlib import Path
 
+import pandas as pd
 from omegaconf import OmegaConf
 
 VAL_ERROR = "val/error"  # the validation error's tag before 2026-12-07 (now error/val)
@@ -40,3 +42,12 @@ def fresh_of(folder: Path) -> bool:
         return OmegaConf.load(folder / ".hydra" / "config.yaml").data.get("fresh") is True
     except Exception:  # no config, or not a training run's
         return False
+
+
+def curves_lr(frame: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """A curves.csv written before stnbench-report kept a row's learning rates apart (it has no
+    lr column), with the lr of its runs (stnbench.report rows) where every run of a (protocol,
+    data, row) had the same one; a line whose runs had several is left out (its lrs pooled)."""
+    lrs = runs.groupby(["protocol", "data", "row"]).lr.agg(["nunique", "first"])
+    one = lrs[lrs["nunique"] == 1]["first"].rename("lr")
+    return frame.join(one, on=["protocol", "data", "row"], how="inner")

@@ -152,7 +152,8 @@ def tabulated(path: Path) -> list[dict]:
         )
     runs = runs.drop(columns=["row"], errors="ignore").astype(object)
     records = [{k: v for k, v in run.items() if not pd.isna(v)} for run in runs.to_dict("records")]
-    # its paths are where the runs were: nothing is read from them (identity, curves)
+    # its paths are where the runs were: nothing is read from them (identity; the curves come
+    # from the curves.csv beside it, stnbench.curves.committed)
     return [{**m, "tabulated": str(path)} for m in records]
 
 
@@ -305,9 +306,10 @@ def cells(runs: pd.DataFrame, per_lr: pd.DataFrame | None = None) -> pd.DataFram
 
 
 def warnings(runs: pd.DataFrame) -> list[str]:
-    """The metrics.json files that could not be read, and cells whose runs differ in budget or
-    optimiser (averaging them mixes experiments)."""
+    """The metrics.json files that could not be read, cells whose runs differ in budget or
+    optimiser (averaging them mixes experiments), and a runs.csv's curves left out."""
     out = list(runs.attrs.get("unreadable", [])) + list(runs.attrs.get("duplicates", []))
+    out += curves.committed(runs)[1]
     done = runs[~runs.status.isin(["unfinished", "unreadable"])]
     for (row, data), g in done.groupby(["row", "data"]):
         for key in BUDGET:

@@ -400,6 +400,55 @@ def test_a_run_resumed_across_the_rename_draws_one_whole_curve(tmp_path):
                                      20.0], "seconds": [5.0, 10.0, 15.0, 20.0]}  # fmt: skip
 
 
+def logged_run(root, name, seed, values):
+    """A finished run folder whose validation curve (one point every 100 steps) is ``values``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = run_folder(root, name, test=values[-1], val=values[-1], seed=seed, batch_size=64)
+    with SummaryWriter(folder) as writer:
+        for i, value in enumerate(values, 1):
+            writer.add_scalar(tblog.VAL_ERROR[0], value, 100 * i)
+            writer.add_scalar("time/seconds", 10.0 * i + seed, 100 * i)
+    return folder
+
+
+def test_a_runs_csv_brings_its_curves_pooled_with_new_runs(tmp_path):
+    """A committed folder's runs.csv, reported again beside a new seed's run folder, draws the
+    curves that reporting every run folder draws: n, mean, std, min, max and seconds pooled."""
+    old, new = tmp_path / "session1" / "sweep", tmp_path / "session2" / "sweep"
+    logged_run(old, "s0", 0, [50.0, 20.0, 10.0])
+    logged_run(old, "s1", 1, [40.0, 30.0, 4.0])
+    logged_run(new, "s2", 2, [45.0, 26.0, 7.0])
+    every = curves.read(report.collect([old, new]))
+    first = tmp_path / "first"
+    report.write(report.collect([old]), first)
+    pooled = curves.read(report.collect([first / "runs.csv", new]))
+    assert curves.committed(report.collect([first / "runs.csv"]))[1] == []
+    assert pooled.n.tolist() == every.n.tolist() == [3, 3, 3]
+    columns = ["images", "seconds", "mean", "std", "min", "max"]
+    pd.testing.assert_frame_equal(pooled[columns], every[columns], check_dtype=False)
+    alone = curves.read(report.collect([first / "runs.csv"]))  # one source: as written
+    assert alone.drop(columns="lr").equals(pd.read_csv(first / "curves.csv").drop(columns="lr"))
+
+
+def test_a_runs_csv_curve_of_other_runs_is_left_out_with_a_line(tmp_path):
+    """A curves.csv line that averages more runs than its runs.csv has finished (a run edited
+    out, or set aside as another's duplicate) is not drawn, and the report says so."""
+    root = tmp_path / "runs"
+    logged_run(root, "s0", 0, [50.0, 20.0])
+    logged_run(root, "s1", 1, [40.0, 30.0])
+    first = tmp_path / "first"
+    report.write(report.collect([root]), first)
+    table = pd.read_csv(first / "runs.csv")
+    table[table.seed == 0].to_csv(first / "runs.csv", index=False)
+    runs = report.collect([first / "runs.csv"])
+    assert curves.read(runs).empty
+    (line,) = curves.committed(runs)[1]
+    assert line.endswith("ST-CNN Aff on rts (runs, lr 0.01) averages 2 runs, 1 of them here; "
+                         "its curve left out"), line  # fmt: skip
+    assert line in report.warnings(runs)
+
+
 RESULTS = Path(__file__).resolve().parents[1] / "outputs" / "results"
 
 
@@ -425,6 +474,9 @@ def test_every_committed_table_is_what_its_runs_csv_makes(folder, tmp_path):
     assert {p.name for p in (RESULTS / folder).glob("table*")} == tables  # none stale
     for name in tables:
         assert (tmp_path / name).read_text() == (RESULTS / folder / name).read_text(), name
+    if (RESULTS / folder / "curves.csv").is_file():  # the curves survive, from their curves.csv
+        committed = (RESULTS / folder / "curves.csv").read_text()
+        assert (tmp_path / "curves.csv").read_text() == committed
 
 
 def test_a_runs_csv_that_is_not_a_reports_is_one_line(tmp_path):
