@@ -12,7 +12,8 @@ Kinds and their parameter layouts, (B, P), registered once in ``KINDS``:
 - ``affine``: theta (2, 3) row-major, P = 6; (x, y) -> theta @ (x, y, 1).
 - ``attention``: (s, tx, ty), P = 3; theta = [[s, 0, tx], [0, s, ty]].
 - ``projective``: the homography (3, 3) row-major without h33, which is fixed to 1, P = 8;
-  (x, y) -> (h11 x + h12 y + h13, h21 x + h22 y + h23) / (h31 x + h32 y + 1).
+  (x, y) -> (h11 x + h12 y + h13, h21 x + h22 y + h23) / (h31 x + h32 y + 1); pixels beyond
+  the horizon (the denominator <= 0) sample nothing.
 - ``tps``: a thin plate spline through 16 control points on a regular 4x4 grid spanning
   [-1, 1]^2, ordered row by row (y outer, x inner). The parameters are the input locations the
   control points map to, (x, y) each, P = 32. Radial basis U(r) = r^2 log r^2.
@@ -127,12 +128,24 @@ def _attention_grid(params: Tensor, size: tuple[int, int]) -> Tensor:
     return xy * params[:, None, None, :1] + params[:, None, None, 1:]  # (B, H, W, 2)
 
 
+HORIZON = 1e-20  # the least w a pixel is dehomogenised by (_projective_grid)
+
+
 def _projective_grid(params: Tensor, size: tuple[int, int]) -> Tensor:
-    """Homography (B, 8), row-major without h33 = 1: (x, y, 1) -> H (x, y, 1), dehomogenised."""
+    """Homography (B, 8), row-major without h33 = 1: (x, y, 1) -> H (x, y, 1), dehomogenised.
+
+    Output pixels at or beyond the horizon (w = h31 x + h32 y + 1 <= HORIZON, the side away
+    from the output's centre, where w = 1) are divided by HORIZON instead, which puts them
+    about 1e20 outside the input, where they sample nothing and get no gradient. Divided by
+    their own w, they could read a mirrored copy of the input, and at w = 0 an infinite
+    location, which grid_sample makes NaN (as it does from about 3e38): a P digit's NaN pixel
+    at epoch 317 of seed 0's fresh draws ended a 150k-step run. (A pixel beyond the horizon
+    whose numerators are both exactly 0 would sample the input's centre.) The pixels in view
+    are divided as before, bit for bit, at the cost of one clamp."""
     b, (h, w) = len(params), size
     rows = torch.cat([params, torch.ones_like(params[:, :1])], dim=1).view(b * 3, 3)  # rows of H
     out = (rows @ _homogeneous(size, params.dtype, params.device)).view(b, 3, h, w)
-    return (out[:, :2] / out[:, 2:]).permute(0, 2, 3, 1)  # (B, H, W, 2)
+    return (out[:, :2] / out[:, 2:].clamp_min(HORIZON)).permute(0, 2, 3, 1)  # (B, H, W, 2)
 
 
 def _tps_grid(params: Tensor, size: tuple[int, int]) -> Tensor:

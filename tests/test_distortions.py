@@ -267,6 +267,13 @@ def test_a_draw_renders_any_batch_as_the_whole_split_holds_it(mnist_root, name):
         data.draw("plain", "train")
 
 
+def test_p_renders_no_nan_where_its_horizon_meets_a_pixel(mnist_root):
+    """Digit 9288 of P's training draw for epoch 317 (seed 0, experiment=paper_fcn's data) has
+    its homography's w exactly 0 at a pixel centre: that pixel is blank, not NaN, which ended
+    a 150k-step run at step 61900."""
+    assert torch.isfinite(data.draw("p", "train", epoch=317).images(slice(9288, 9289))).all()
+
+
 def test_bad_names_and_values():
     names = ", ".join(sorted(data.recipes()))
     assert {"r", "rts", "p", "p_literal", "e", "tc"} <= set(data.recipes())

@@ -151,6 +151,30 @@ def test_projective_matches_closed_form():
         torch.testing.assert_close(g[i, j], want, atol=1e-12, rtol=0)
 
 
+def test_projective_samples_nothing_beyond_the_horizon():
+    """w = 4x + 1 is 0 at the second column's centres (x = -0.25 of 4) and negative at the
+    first's: those columns are blank, not NaN (1/0) or a mirrored copy (x/w back inside the
+    input), the columns in view are the closed form's, and the gradient is finite."""
+    h = torch.tensor([[1.0, 0, 0, 0, 1, 0, 4, 0]], requires_grad=True)
+    x = torch.arange(1.0, 17).view(1, 1, 4, 4)  # varied, so the gradient is not 0
+    out = geometry.warp(x, "projective", h)[0, 0]
+    assert out[:, :2].eq(0).all()
+    g = geometry.grid("projective", h.detach(), (4, 4))[0]
+    torch.testing.assert_close(g[:, 2:, 0], torch.tensor([0.25 / 2, 0.75 / 4]).expand(4, 2))
+    assert out[:, 2:].gt(0).all()
+    out.sum().backward()
+    assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
+
+
+def test_projective_keeps_near_infinite_locations_finite():
+    """w just above 0 puts a location near infinity, which grid_sample reads as NaN: it is held
+    about 1e20 outside, where it samples nothing."""
+    tiny = torch.finfo(torch.float32).tiny
+    h = torch.tensor([[1.0, 0, 1, 0, 1, 0, 0, -(1 - tiny) / 0.75]])  # w(y = 0.75) about tiny
+    out = geometry.warp(torch.ones(1, 1, 4, 4), "projective", h)[0, 0]
+    assert torch.isfinite(out).all() and out[3].eq(0).all() and out[0].gt(0).all()
+
+
 def test_tps_matches_scipy_reference():
     interpolate = pytest.importorskip("scipy.interpolate")
     ctrl = geometry.tps_control_points(torch.float64).numpy()
