@@ -162,11 +162,12 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
     a ``dirs`` entry may also be a runs.csv (``tabulated``)."""
     from stnbench.rundir import disagreement
 
-    records, unreadable = {}, []
+    records, unreadable, header = {}, [], []
     for d in map(Path, dirs):
         if d.is_file() and d.suffix == ".csv":  # a runs.csv this command wrote: tabulated again
             for m in tabulated(d):
                 records[("csv", str(d), m["path"])] = {**m, "source": m.get("source") or str(d)}
+            header += [k for k in pd.read_csv(d, nrows=0).columns if k not in header]
             continue
         if not d.is_dir():
             raise StnbenchError(
@@ -203,7 +204,11 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
             f"no readable runs below {', '.join(map(str, dirs))} (expected metrics.json files "
             f"that stnbench-train writes){'; ' + unreadable[0] if unreadable else ''}"
         )
-    runs = set_aside_duplicates(pd.DataFrame(list(records.values())))
+    runs = pd.DataFrame(list(records.values()))
+    # a runs.csv's columns in its order, empty ones too (its runs leave out their empty
+    # fields), then the rest
+    runs = runs.reindex(columns=header + [k for k in runs if k not in header])
+    runs = set_aside_duplicates(runs)
     optional = ("transform", "residual", "tanh", "loc_lr_mult", "test_error", "val_error",
                 "transformer_dead", "searched", "transformers", "multi",
                 "loc_lr_every_transformer", "fresh")  # fmt: skip
@@ -481,7 +486,7 @@ def write(runs: pd.DataFrame, out: str | Path) -> list[Path]:
         table = cells(classified, per_lr)
         files |= {"table.csv": wide(table).reset_index(), "table.md": markdown(table),
                   "table.tex": latex(table)}  # fmt: skip
-    files["runs.csv"] = runs
+    files["runs.csv"] = runs.drop(columns="tabulated", errors="ignore")  # where each was read
     if not (frame := curves.read(runs)).empty:
         files["curves.csv"] = frame
         plots["curves.png"] = lambda p: curves.plot(frame, p)

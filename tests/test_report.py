@@ -428,6 +428,10 @@ def test_a_runs_csv_brings_its_curves_pooled_with_new_runs(tmp_path):
     columns = ["images", "seconds", "mean", "std", "min", "max"]
     pd.testing.assert_frame_equal(pooled[columns], every[columns], check_dtype=False)
     alone = curves.read(report.collect([first / "runs.csv"]))  # one source: as written
+    report.write(report.collect([first / "runs.csv", new]), tmp_path / "merged")
+    merged = pd.read_csv(tmp_path / "merged" / "runs.csv")  # the runs.csv's columns, in order
+    assert list(merged.columns) == list(pd.read_csv(first / "runs.csv").columns)
+    assert merged.seed.tolist() == [0, 1, 2]
     assert alone.drop(columns="lr").equals(pd.read_csv(first / "curves.csv").drop(columns="lr"))
 
 
@@ -474,6 +478,12 @@ def test_every_committed_table_is_what_its_runs_csv_makes(folder, tmp_path):
     assert {p.name for p in (RESULTS / folder).glob("table*")} == tables  # none stale
     for name in tables:
         assert (tmp_path / name).read_text() == (RESULTS / folder / name).read_text(), name
+    written, committed = (
+        pd.read_csv(tmp_path / "runs.csv"),
+        pd.read_csv(RESULTS / folder / "runs.csv"),
+    )
+    assert list(written.columns[: len(committed.columns)]) == list(committed.columns)  # then new
+    pd.testing.assert_frame_equal(written[committed.columns], committed)  # every run as recorded
     if (RESULTS / folder / "curves.csv").is_file():  # the curves survive, from their curves.csv
         committed = (RESULTS / folder / "curves.csv").read_text()
         assert (tmp_path / "curves.csv").read_text() == committed
