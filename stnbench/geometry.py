@@ -13,7 +13,7 @@ Kinds and their parameter layouts, (B, P), registered once in ``KINDS``:
 - ``attention``: (s, tx, ty), P = 3; theta = [[s, 0, tx], [0, s, ty]].
 - ``projective``: the homography (3, 3) row-major without h33, which is fixed to 1, P = 8;
   (x, y) -> (h11 x + h12 y + h13, h21 x + h22 y + h23) / (h31 x + h32 y + 1); pixels beyond
-  the horizon (the denominator <= 0) sample nothing.
+  the horizon (the denominator <= 1e-20, HORIZON) sample nothing.
 - ``tps``: a thin plate spline through 16 control points on a regular 4x4 grid spanning
   [-1, 1]^2, ordered row by row (y outer, x inner). The parameters are the input locations the
   control points map to, (x, y) each, P = 32. Radial basis U(r) = r^2 log r^2.
