@@ -137,9 +137,10 @@ def set_aside_duplicates(runs: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def tabulated(path: Path) -> list[dict]:
+def tabulated(path: Path) -> tuple[list[dict], list[str]]:
     """The runs of a runs.csv that write() wrote (a committed results folder's), as collect()'s
-    records: its cells can be rebuilt, in today's layout, where the run folders are gone."""
+    records, and its columns in order: its cells can be rebuilt, in today's layout, where the
+    run folders are gone."""
     try:
         runs = pd.read_csv(path)
     except (ValueError, OSError) as e:
@@ -150,11 +151,12 @@ def tabulated(path: Path) -> list[dict]:
             f"{path}: no {', '.join(missing)} column (expected a runs.csv that stnbench-report "
             "wrote)"
         )
+    columns = list(runs.columns)
     runs = runs.drop(columns=["row"], errors="ignore").astype(object)
     records = [{k: v for k, v in run.items() if not pd.isna(v)} for run in runs.to_dict("records")]
     # its paths are where the runs were: nothing is read from them (identity; the curves come
     # from the curves.csv beside it, stnbench.curves.committed)
-    return [{**m, "tabulated": str(path)} for m in records]
+    return [{**m, "tabulated": str(path)} for m in records], columns
 
 
 def collect(dirs: list[str | Path]) -> pd.DataFrame:
@@ -165,9 +167,10 @@ def collect(dirs: list[str | Path]) -> pd.DataFrame:
     records, unreadable, header = {}, [], []
     for d in map(Path, dirs):
         if d.is_file() and d.suffix == ".csv":  # a runs.csv this command wrote: tabulated again
-            for m in tabulated(d):
+            runs, columns = tabulated(d)
+            for m in runs:
                 records[("csv", str(d), m["path"])] = {**m, "source": m.get("source") or str(d)}
-            header += [k for k in pd.read_csv(d, nrows=0).columns if k not in header]
+            header += [k for k in columns if k not in header]
             continue
         if not d.is_dir():
             raise StnbenchError(
